@@ -18,7 +18,7 @@ import torch
 from .adapter import Modality
 from .config import deep_merge, load_yaml
 from .defenses.base import DefenseContext
-from .pipeline import attack_from_run, get_or_train_victim, load_bundle, purify_to_run
+from .pipeline import attack_from_run, cached_victim, get_or_train_victim, load_bundle, purify_to_run
 from .registry import DEFENSES
 from .rundir import write_csv
 from .utils import pick_device, progress
@@ -61,26 +61,85 @@ def expand_grid(grid: Dict[str, Any]) -> List[Dict[str, Any]]:
     return cells
 
 
+def cell_config(cell: Dict[str, Any], overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The victim config of one grid cell: its base file with the cell's attack merged in."""
+    cfg = load_yaml(cell["base"]) if isinstance(cell["base"], (str, Path)) else dict(cell["base"] or {})
+    if cell["attack"] is not None:
+        attack = dict(cell["attack"])
+        # An attack that needs its own architecture (trojannet's merged host) names it in its entry.
+        if "model" in attack:
+            cfg["model"] = deep_merge(cfg.get("model") or {}, attack.pop("model"))
+        base_attack = cfg.get("attack") or {}
+        if attack.get("name") == base_attack.get("name"):
+            cfg["attack"] = deep_merge(base_attack, attack)
+        else:  # a different attack keeps only the shared threat-model keys of the base
+            cfg["attack"] = {**{k: v for k, v in base_attack.items() if k in ("target", "rate", "mode")}, **attack}
+    cfg = deep_merge(cfg, overrides or {})
+    cfg["seed"] = cfg.get("seed", 0)
+    return cfg
+
+
+def attack_label_of(cfg: Dict[str, Any]) -> str:
+    attack = cfg.get("attack") or {}
+    label = attack.get("label") or attack.get("name", "none")
+    if attack.get("mode") == "all2all" and "label" not in attack:
+        label += "-all"
+    return str(label)
+
+
+VICTIM_COLUMNS = ["dataset", "model", "attack", "seed", "acc", "asr", "ra", "victim"]
+
+
+def prepare_victims(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *,
+                    out_csv: Optional[str | Path] = None, victims_root: str | Path = "runs/victims",
+                    show_progress: bool = True, overrides: Optional[Dict[str, Any]] = None,
+                    echo: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Train (or load from the cache) every victim of the grid, once each; one row per victim.
+
+    A victim's ACC/ASR/RA are those measured when it was trained (``metrics.json``); a clean
+    model (attack ``none``) has ACC only. Rows go to ``out_csv`` after each victim.
+    """
+    rows: List[Dict[str, Any]] = []
+    seen = set()
+    for cell in expand_grid(grid):
+        cfg = cell_config(cell, overrides)
+        label = attack_label_of(cfg)
+        key = (str(cell["base"]), label, cfg["seed"])
+        if key in seen:
+            continue
+        seen.add(key)
+        cfg.pop("label", None)
+        cfg["attack"] = {k: v for k, v in (cfg.get("attack") or {}).items() if k != "label"}
+        adapter = get_adapter(cfg.get("modality", "image"))
+        bundle = load_bundle(adapter, cfg)
+        echo(f"[victim] {cfg['data']['name']} {cfg['model']['arch']} {label}")
+        _model, vrun = get_or_train_victim(adapter, cfg, victims_root, show_progress=show_progress, bundle=bundle)
+        m = vrun.metrics()
+        backdoored = "before" in m
+        got = m.get("before") or m.get("clean") or {}
+        row = {"dataset": cfg["data"]["name"], "model": cfg["model"]["arch"], "attack": label, "seed": cfg["seed"],
+               "acc": got.get("acc"), "asr": got.get("asr", "") if backdoored else "",
+               "ra": got.get("ra", "") if backdoored else "", "victim": vrun.path.name}
+        echo(f"  ACC {row['acc']:.2f}" + (f"  ASR {row['asr']:.2f}" if row["asr"] != "" else ""))
+        rows.append(row)
+        if out_csv:
+            write_csv(out_csv, rows, VICTIM_COLUMNS)
+    return rows
+
+
 def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, out_csv: str | Path,
              victims_root: str | Path = "runs/victims", runs_root: Optional[str | Path] = None,
              show_progress: bool = True, overrides: Optional[Dict[str, Any]] = None,
-             echo: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+             echo: Callable[[str], None] = print, cached_only: bool = False) -> List[Dict[str, Any]]:
+    """Run every cell not yet in ``out_csv``; ``cached_only`` skips cells whose victim is not trained yet."""
     rows = read_rows(out_csv)
     done = {_key(r) for r in rows}
     device = pick_device(grid.get("device"))
     for cell in expand_grid(grid):
-        cfg = load_yaml(cell["base"]) if isinstance(cell["base"], (str, Path)) else dict(cell["base"] or {})
-        if cell["attack"] is not None:
-            cfg["attack"] = deep_merge(cfg.get("attack") or {}, cell["attack"]) if cell["attack"].get("name") == (
-                cfg.get("attack") or {}).get("name") else {**{k: v for k, v in (cfg.get("attack") or {}).items()
-                                                              if k in ("target", "rate", "mode")}, **cell["attack"]}
-        cfg = deep_merge(cfg, overrides or {})
-        cfg["seed"] = cfg.get("seed", 0)
+        cfg = cell_config(cell, overrides)
         d = dict(cell["defense"])
         label = defense_label(d)
-        attack_label = (cfg.get("attack") or {}).get("label") or (cfg.get("attack") or {}).get("name", "none")
-        if (cfg.get("attack") or {}).get("mode") == "all2all" and "label" not in (cfg.get("attack") or {}):
-            attack_label += "-all"
+        attack_label = attack_label_of(cfg)
         row_key = {"dataset": cfg["data"]["name"], "model": cfg["model"]["arch"], "attack": attack_label,
                    "defense": label, "clean_per_class": cell["clean_per_class"], "seed": cell["seed"]}
         if _key(row_key) in done:
@@ -90,6 +149,9 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
         attack_cfg = dict(cfg.get("attack") or {})
         attack_cfg.pop("label", None)
         cfg["attack"] = attack_cfg
+        if cached_only and cached_victim(cfg, victims_root) is None:
+            echo(f"[skip] {attack_label}: victim not trained yet (run with --victims-only first)")
+            continue
         bundle = load_bundle(adapter, cfg)
         echo(f"[victim] {row_key['dataset']} {row_key['model']} {attack_label}")
         model, vrun = get_or_train_victim(adapter, cfg, victims_root, show_progress=show_progress, bundle=bundle)

@@ -96,15 +96,27 @@ def train_victim(adapter: Modality, cfg: Dict[str, Any], out: str | Path, *, sho
 def get_or_train_victim(adapter: Modality, cfg: Dict[str, Any], root: str | Path = "runs/victims",
                         show_progress: bool = True, bundle: Optional[DataBundle] = None) -> Tuple[nn.Module, RunDir]:
     """Victims are cached by the hash of what determines them."""
-    spec = victim_spec(cfg)
-    name = "-".join(str(x) for x in (cfg["data"].get("name"), cfg["model"].get("arch"),
-                                     (cfg.get("attack") or {}).get("name", "clean"), spec_hash(spec)))
-    run = RunDir(Path(root) / name)
-    if run.exists() and run.info().get("spec_hash") == spec_hash(spec):
+    run = cached_victim(cfg, root)
+    if run is not None:
         model, _ = load_run_model(adapter, run)
         return model, run
-    model, run, _ = train_victim(adapter, cfg, run.path, show_progress=show_progress, bundle=bundle)
+    model, run, _ = train_victim(adapter, cfg, victim_dir(cfg, root), show_progress=show_progress, bundle=bundle)
     return model, run
+
+
+def victim_dir(cfg: Dict[str, Any], root: str | Path = "runs/victims") -> Path:
+    """Where the victim of ``cfg`` is cached: named by data, model, attack and the spec hash."""
+    spec = victim_spec(cfg)
+    return Path(root) / "-".join(str(x) for x in (cfg["data"].get("name"), cfg["model"].get("arch"),
+                                                  (cfg.get("attack") or {}).get("name", "clean"), spec_hash(spec)))
+
+
+def cached_victim(cfg: Dict[str, Any], root: str | Path = "runs/victims") -> Optional[RunDir]:
+    """The cached victim run of ``cfg``, or None when it has not been trained yet."""
+    run = RunDir(victim_dir(cfg, root))
+    if run.exists() and run.info().get("spec_hash") == spec_hash(victim_spec(cfg)):
+        return run
+    return None
 
 
 def load_run_model(adapter: Modality, run: RunDir) -> Tuple[nn.Module, Dict[str, Any]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.benchmark import markdown_table, plot_results, read_rows, run_grid, step_times
+from core.benchmark import markdown_table, plot_results, prepare_victims, read_rows, run_grid, step_times
 from core.cli import run_main
 from core.config import load_config, load_yaml
 from core.pipeline import get_or_train_victim, load_bundle
@@ -28,6 +28,10 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override keys of every cell's config, e.g. train.epochs=2")
     p.add_argument("--no-step-time", action="store_true", help="skip the NFT/FT step-time measurement")
+    p.add_argument("--victims-only", action="store_true",
+                   help="train (or load) each victim of the grid once, write results/<name>_victims.csv, run no defense")
+    p.add_argument("--cached-only", action="store_true",
+                   help="run defenses only on victims already cached; skip (and list) the others")
     p.add_argument("--report-only", action="store_true", help="rewrite the Markdown/plot from the CSV; run no cell")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
@@ -35,13 +39,18 @@ def main() -> None:
     name = grid.get("name") or Path(args.grid).stem
     out_csv = Path(args.out or grid.get("output") or f"results/{name}.csv")
     overrides = load_config(None, args.overrides)
+    if args.victims_only:
+        victims_csv = out_csv.with_name(f"{out_csv.stem}_victims.csv")
+        prepare_victims(grid, get_modality, out_csv=victims_csv, show_progress=not args.no_progress, overrides=overrides)
+        print(f"wrote {victims_csv}")
+        return
     if args.report_only:
         rows = read_rows(out_csv)
         if not rows:
             raise ValueError(f"{out_csv} has no rows yet; run the grid without --report-only first")
     else:
         rows = run_grid(grid, get_modality, out_csv=out_csv, runs_root=args.runs, show_progress=not args.no_progress,
-                        overrides=overrides)
+                        overrides=overrides, cached_only=args.cached_only)
     md = out_csv.with_suffix(".md")
     sizes = sorted({int(r["clean_per_class"]) for r in rows}, reverse=True)
     text = [f"# {name}\n", f"ASR/ACC (%) after each defense; rows from `{out_csv}`; "

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import yaml
 
-from core.benchmark import expand_grid, markdown_table, read_rows, run_grid, step_times
+from core.benchmark import (attack_label_of, cell_config, expand_grid, markdown_table, prepare_victims, read_rows,
+                            run_grid, step_times)
 from modalities import get_modality
 
 
@@ -42,3 +43,49 @@ def test_shipped_grid_file_expands():
     grid = yaml.safe_load(open("configs/benchmarks/image_fashionmnist.yaml"))
     cells = expand_grid(grid)
     assert len(cells) == 2 * (2 + 2 + 1)
+
+
+def test_prepare_victims_trains_each_victim_once_and_reuses_the_cache(tmp_path):
+    grid = {"base": "configs/image/digits_badnets.yaml",
+            "grid": {"attack": [{"name": "badnets", "patch_size": 2}, {"name": "none"}],
+                     "defense": [{"name": "ft"}, {"name": "nft"}], "clean_per_class": [5, 1]}}
+    lines = []
+    rows = prepare_victims(grid, get_modality, out_csv=tmp_path / "v.csv", victims_root=tmp_path / "victims",
+                           show_progress=False, echo=lines.append)
+    assert [r["attack"] for r in rows] == ["badnets", "none"]  # 8 cells, 2 victims
+    assert rows[0]["asr"] > 50 and rows[1]["asr"] == "" and rows[1]["acc"] > 80
+    assert len(read_rows(tmp_path / "v.csv")) == 2 and len(list((tmp_path / "victims").iterdir())) == 2
+    again = prepare_victims(grid, get_modality, victims_root=tmp_path / "victims", show_progress=False, echo=lambda _: None)
+    assert [r["victim"] for r in again] == [r["victim"] for r in rows]
+
+
+def test_attack_entry_may_name_its_architecture():
+    cell = {"base": "configs/image/fashion_mnist_badnets.yaml", "seed": 0, "clean_per_class": 60, "defense": {},
+            "attack": {"name": "trojannet", "model": {"arch": "trojannet", "host": "preact_resnet18_narrow"}}}
+    cfg = cell_config(cell)
+    assert cfg["model"] == {"arch": "trojannet", "host": "preact_resnet18_narrow", "in_channels": 1}
+    assert cfg["attack"] == {"name": "trojannet", "target": 0, "rate": 0.1, "mode": "all2one"}
+    all2all = cell_config({**cell, "attack": {"name": "blend", "mode": "all2all"}})
+    assert attack_label_of(all2all) == "blend-all" and attack_label_of(cfg) == "trojannet"
+
+
+def test_shipped_attack_grid_covers_every_registered_image_attack():
+    from modalities.image.attacks import ATTACKS
+
+    grid = yaml.safe_load(open("configs/benchmarks/image_fashionmnist_attacks.yaml"))
+    names = {a["name"] for a in grid["grid"]["attack"]}
+    assert names == set(ATTACKS.names()) - {"none"}
+
+
+def test_cached_only_skips_cells_without_a_trained_victim(tmp_path):
+    grid = {"base": "configs/image/digits_badnets.yaml",
+            "grid": {"attack": [{"name": "badnets", "patch_size": 2}, {"name": "blend"}],
+                     "defense": [{"name": "ft", "options": {"steps": 5}}], "clean_per_class": [5]}}
+    one = {**grid, "grid": {**grid["grid"], "attack": grid["grid"]["attack"][:1]}}
+    prepare_victims(one, get_modality, victims_root=tmp_path / "v", show_progress=False, echo=lambda _: None)
+    lines = []
+    rows = run_grid(grid, get_modality, out_csv=tmp_path / "r.csv", victims_root=tmp_path / "v", show_progress=False,
+                    echo=lines.append, cached_only=True)
+    assert [r["attack"] for r in rows] == ["badnets"]
+    assert any(line.startswith("[skip] blend") for line in lines)
+    assert len(list((tmp_path / "v").iterdir())) == 1  # nothing was trained

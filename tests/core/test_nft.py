@@ -55,3 +55,43 @@ def test_nft_run_folds_clips_recovers_and_is_deterministic(digits, image_adapter
     assert any("clean_split_acc" in r for r in a.log)  # the recovery phase checked clean accuracy
     for k, v in a.model.state_dict().items():
         torch.testing.assert_close(v, b.model.state_dict()[k])
+
+
+def test_default_recovery_keeps_mixup_and_strong_augmentation():
+    cfg = NFT().cfg
+    assert cfg["recover_steps"] > 0 and cfg["recover_mixup"] and cfg["recover_augment"] == "strong"
+    assert cfg["adv_frac"] > 0 and cfg["recover_adv"] is False and cfg["bn_recalibrate"]
+
+
+def _recovery_trainer(image_adapter, small_model, digits, **opts):
+    from core.nft import MaskTrainer
+
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    x, y = clean.__getitems__(list(range(32)))[:2]
+    model = type(small_model)(10, 1, 8)
+    model.load_state_dict(small_model.state_dict())
+    cfg = NFT(steps=1, recover_steps=3, batch_size=32, **opts).cfg
+    tr = MaskTrainer(model, image_adapter, cfg, x[:4], 5, torch.device("cpu"), torch.Generator().manual_seed(0))
+    return tr, x, y
+
+
+def test_recovery_mixes_and_moves_a_live_perturbation_only_in_live_mode(digits, image_adapter, small_model):
+    tr, x, y = _recovery_trainer(image_adapter, small_model, digits, recover_adv="live", recover_mixup=True)
+    tr.step(x, y, 0)
+    before = tr.uap.delta.detach().clone()
+    out = tr.step(x, y, 1)  # a recovery step
+    assert 0.0 <= out["lambda"] <= 1.0 and out["lambda"] != 1.0  # MixUp on
+    assert not torch.equal(before, tr.uap.delta.detach())  # the live perturbation ascended
+
+    tr, x, y = _recovery_trainer(image_adapter, small_model, digits, recover_adv="frozen", recover_mixup=False)
+    tr.step(x, y, 0)
+    before = tr.uap.delta.detach().clone()
+    out = tr.step(x, y, 1)
+    assert out["lambda"] == 1.0 and torch.equal(before, tr.uap.delta.detach())
+
+
+def test_bad_recovery_mode_is_refused(digits, image_adapter, small_model):
+    import pytest
+
+    with pytest.raises(ValueError, match="recover_adv must be"):
+        _recovery_trainer(image_adapter, small_model, digits, recover_adv="sometimes")
