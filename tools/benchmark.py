@@ -20,6 +20,19 @@ from core.utils import pick_device
 from modalities import get_modality
 
 
+def grids_writing(out_csv: Path, this_grid: str) -> list:
+    """Every grid file next to ``this_grid`` whose rows go to ``out_csv`` (several grids may share one CSV)."""
+    found = []
+    for path in sorted(Path(this_grid).parent.glob("*.yaml")):
+        try:
+            g = load_yaml(path)
+        except Exception:  # a broken neighbour does not stop the report
+            continue
+        if Path(str(g.get("output") or f"results/{g.get('name') or path.stem}.csv")) == out_csv:
+            found.append(str(path))
+    return found or [this_grid]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", required=True, help="grid YAML (configs/benchmarks/...)")
@@ -54,7 +67,8 @@ def main() -> None:
     md = out_csv.with_suffix(".md")
     sizes = sorted({int(r["clean_per_class"]) for r in rows}, reverse=True)
     text = [f"# {name}\n", f"ASR/ACC (%) after each defense; rows from `{out_csv}`; "
-            f"reproduce with `python tools/benchmark.py --grid {args.grid}`.\n"]
+            "reproduce with " + ", ".join(f"`python tools/benchmark.py --grid {g}`"
+                                          for g in grids_writing(out_csv, args.grid)) + ".\n"]
     for n in sizes:
         text.append(f"\n## {n} clean samples per class\n\n" + markdown_table(rows, n))
     if grid.get("step_time") and not args.no_step_time and not args.report_only:
