@@ -79,6 +79,26 @@ def cell_config(cell: Dict[str, Any], overrides: Optional[Dict[str, Any]] = None
     return cfg
 
 
+def without_labels(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` without the grid's display labels, which must not enter the victim's cache key."""
+    cfg = {k: v for k, v in cfg.items() if k != "label"}
+    cfg["attack"] = {k: v for k, v in (cfg.get("attack") or {}).items() if k != "label"}
+    return cfg
+
+
+def grids_writing(out_csv: str | Path, this_grid: str | Path) -> List[str]:
+    """Every grid file next to ``this_grid`` whose rows go to ``out_csv`` (several grids may share one CSV)."""
+    found = []
+    for path in sorted(Path(this_grid).parent.glob("*.yaml")):
+        try:
+            g = load_yaml(path)
+        except Exception:  # a broken neighbour does not stop the report
+            continue
+        if Path(str(g.get("output") or f"results/{g.get('name') or path.stem}.csv")) == Path(out_csv):
+            found.append(str(path))
+    return found or [str(this_grid)]
+
+
 def attack_label_of(cfg: Dict[str, Any]) -> str:
     attack = cfg.get("attack") or {}
     label = attack.get("label") or attack.get("name", "none")
@@ -108,8 +128,7 @@ def prepare_victims(grid: Dict[str, Any], get_adapter: Callable[[str], Modality]
         if key in seen:
             continue
         seen.add(key)
-        cfg.pop("label", None)
-        cfg["attack"] = {k: v for k, v in (cfg.get("attack") or {}).items() if k != "label"}
+        cfg = without_labels(cfg)
         adapter = get_adapter(cfg.get("modality", "image"))
         bundle = load_bundle(adapter, cfg)
         echo(f"[victim] {cfg['data']['name']} {cfg['model']['arch']} {label}")
@@ -145,10 +164,7 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
         if _key(row_key) in done:
             continue
         adapter = get_adapter(cfg.get("modality", "image"))
-        cfg.pop("label", None)
-        attack_cfg = dict(cfg.get("attack") or {})
-        attack_cfg.pop("label", None)
-        cfg["attack"] = attack_cfg
+        cfg = without_labels(cfg)
         if cached_only and cached_victim(cfg, victims_root) is None:
             echo(f"[skip] {attack_label}: victim not trained yet (run with --victims-only first)")
             continue

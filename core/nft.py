@@ -234,8 +234,7 @@ class MaskTrainer:
         if uap is not None:
             if c["adv_reset"] and step > 0 and step % int(c["adv_reset"]) == 0:
                 uap.reset()
-            k = int(round(float(c["adv_frac"]) * len(y)))
-            x = torch.cat([adapter.perturb(x[:k], uap.delta), x[k:]]) if k < len(y) else adapter.perturb(x, uap.delta)
+            x = self._perturb_share(x, uap.delta)
         x = to_memory_format(self.model, x, self.channels_last)
         with autocast(self.device, self.use_autocast):
             out = adapter.forward(self.model, x)
@@ -251,7 +250,14 @@ class MaskTrainer:
         self.masks.clip_(self.lower)
         if uap is not None:
             uap.ascend()
-        return {"loss": loss.detach(), "task_loss": loss.detach(), "lambda": lam}
+        return {"loss": loss.detach(), "task_loss": task.detach(), "lambda": lam}
+
+    def _perturb_share(self, x: Any, delta: torch.Tensor) -> Any:
+        """The first ``adv_frac`` of the batch with the universal perturbation added."""
+        k = int(round(float(self.cfg["adv_frac"]) * len(x)))
+        if k >= len(x):
+            return self.adapter.perturb(x, delta)
+        return torch.cat([self.adapter.perturb(x[:k], delta), x[k:]])
 
     def _recovery_step(self, x: Any, y: Any) -> Dict[str, float]:
         c = self.cfg
@@ -259,9 +265,7 @@ class MaskTrainer:
         x = self.adapter.augment(x, c["recover_augment"], self.g)
         uap = self.uap if mode else None
         if uap is not None:
-            k = int(round(float(c["adv_frac"]) * len(y)))
-            delta = uap.delta if mode == "live" else uap.delta.detach()
-            x = torch.cat([self.adapter.perturb(x[:k], delta), x[k:]]) if k < len(y) else self.adapter.perturb(x, delta)
+            x = self._perturb_share(x, uap.delta if mode == "live" else uap.delta.detach())
         ya, yb, lam = y, y, 1.0
         alpha = float(c["mixup_alpha"] if c.get("recover_mixup_alpha") is None else c["recover_mixup_alpha"])
         if c.get("recover_mixup") and alpha > 0:

@@ -11,26 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.benchmark import markdown_table, plot_results, prepare_victims, read_rows, run_grid, step_times
+from core.benchmark import (grids_writing, markdown_table, plot_results, prepare_victims, read_rows, run_grid,
+                            step_times)
 from core.cli import run_main
 from core.config import load_config, load_yaml
 from core.pipeline import get_or_train_victim, load_bundle
 from core.rundir import write_json
 from core.utils import pick_device
 from modalities import get_modality
-
-
-def grids_writing(out_csv: Path, this_grid: str) -> list:
-    """Every grid file next to ``this_grid`` whose rows go to ``out_csv`` (several grids may share one CSV)."""
-    found = []
-    for path in sorted(Path(this_grid).parent.glob("*.yaml")):
-        try:
-            g = load_yaml(path)
-        except Exception:  # a broken neighbour does not stop the report
-            continue
-        if Path(str(g.get("output") or f"results/{g.get('name') or path.stem}.csv")) == out_csv:
-            found.append(str(path))
-    return found or [this_grid]
 
 
 def main() -> None:
