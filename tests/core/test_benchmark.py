@@ -1,6 +1,9 @@
 """The benchmark grid on digits: victims cached, rows resumable, Table 1 markdown, step timing."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import yaml
 
 from core.benchmark import (attack_label_of, cell_config, expand_grid, markdown_table, prepare_victims, read_rows,
@@ -43,6 +46,21 @@ def test_shipped_grid_file_expands():
     grid = yaml.safe_load(open("configs/benchmarks/image_fashionmnist.yaml"))
     cells = expand_grid(grid)
     assert len(cells) == 2 * (2 + 2 + 1)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs/benchmarks").glob("*.yaml")))
+def test_every_shipped_grid_names_registered_defenses_with_known_options(path):
+    # A typo in a grid's options would otherwise surface only hours into a benchmark run.
+    from core.registry import DEFENSES
+    from core.schedule import lower_bounds
+
+    cells = expand_grid(yaml.safe_load(open(path)))
+    assert cells
+    for cell in cells:
+        d = cell["defense"]
+        defense = DEFENSES.get(d["name"])(preset=d.get("preset"), **(d.get("options") or {}))
+        if "schedule" in defense.cfg:
+            assert len(lower_bounds(defense.cfg["schedule"], 5, **(defense.cfg.get("schedule_params") or {}))) == 5
 
 
 def test_prepare_victims_trains_each_victim_once_and_reuses_the_cache(tmp_path):

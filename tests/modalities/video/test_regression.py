@@ -5,7 +5,7 @@ clips per class and a small 3D CNN trained for 10 short epochs. Measured with th
 (seed 0): victim ACC 89.7 / ASR 94.1; NFT with the official settings shortened to 300 steps
 of 64 with the strong video augmentation: ACC 88.3 / ASR 52.6; NFT's image-tuned default:
 ACC 92.0 / ASR 96.3 (it does not purify video yet: kept as a strict xfail so that reaching
-the target is noticed). The full benchmark is benchmarks/video_embedded.py.
+the target is noticed). The full benchmark is `tools/benchmark.py --grid configs/benchmarks/video_embedded.yaml`.
 """
 from __future__ import annotations
 
