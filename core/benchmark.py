@@ -213,8 +213,9 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
         groups.setdefault((r["dataset"], r["model"], r["attack"]), {}).setdefault(r["defense"], []).append(r)
     head = ["dataset", "attack", "no defense"] + defenses
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    drops: Dict[str, List[tuple]] = {d: [] for d in defenses}
-    for (ds, _model, atk), by_def in groups.items():
+    drops: Dict[str, Dict[tuple, tuple]] = {d: {} for d in defenses}
+    for key, by_def in groups.items():
+        ds, _model, atk = key
         any_row = next(iter(by_def.values()))
         asr_b = sum(_f(x["asr_before"]) for x in any_row) / len(any_row)
         acc_b = sum(_f(x["acc_before"]) for x in any_row) / len(any_row)
@@ -227,15 +228,29 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
             asr = sum(_f(x["asr_after"]) for x in rs) / len(rs)
             acc = sum(_f(x["acc_after"]) for x in rs) / len(rs)
             cells.append(f"{asr:.2f}/{acc:.2f}")
-            drops[d].append((asr_b - asr, acc_b - acc))
+            drops[d][key] = (asr_b - asr, acc_b - acc)
         lines.append("| " + " | ".join(cells) + " |")
-    avg = ["avg drop (ASR/ACC)", "", ""]
-    for d in defenses:
-        if drops[d]:
-            avg.append(f"{sum(a for a, _ in drops[d]) / len(drops[d]):.2f}/{sum(b for _, b in drops[d]) / len(drops[d]):.2f}")
-        else:
-            avg.append("-")
-    lines.append("| " + " | ".join(avg) + " |")
+
+    def avg_row(label: str, keys_of: Callable[[str], List[tuple]]) -> str:
+        out = [label, "", ""]
+        for d in defenses:
+            vals = [drops[d][k] for k in keys_of(d)]
+            out.append(f"{sum(a for a, _ in vals) / len(vals):.2f}/{sum(b for _, b in vals) / len(vals):.2f}"
+                       if vals else "-")
+        return "| " + " | ".join(out) + " |"
+
+    # Averages compare defenses only over the same victims; where columns cover different
+    # victims, each column's own average (n victims) follows on a separate row.
+    common = [k for k in groups if all(k in drops[d] for d in defenses)]
+    if len(common) == len(groups):
+        lines.append(avg_row("avg drop (ASR/ACC)", lambda d: common))
+    else:
+        lines.append(avg_row(f"avg drop (ASR/ACC), the {len(common)} victims every defense ran", lambda d: common))
+        own = ["avg drop over its own victims (n)", "", ""]
+        for d in defenses:
+            v = list(drops[d].values())
+            own.append(f"{sum(a for a, _ in v) / len(v):.2f}/{sum(b for _, b in v) / len(v):.2f} ({len(v)})")
+        lines.append("| " + " | ".join(own) + " |")
     secs = ["median seconds", "", ""]
     for d in defenses:
         s = sorted(_f(r["seconds"]) for r in rows if r["defense"] == d)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ OFFICIAL: Dict[str, Any] = {
     "reg_norm": "l1", "eta": 1e-3,
     "schedule": "exponential", "schedule_params": {"a": 0.8, "b": 0.5},
     "bn_mode": "train", "mask_beta": False,
+    # Maskable units (names as in model.named_modules()) to leave unmasked, besides the model's own
+    # ``nft_mask_exclude`` (e.g. a stem BN).
+    "mask_exclude": [],
     "augment": "weak",
     # Universal adversarial perturbation applied to a share of each mixed batch.
     "adv_frac": 0.0, "adv_eps": 0.0, "adv_norm": "linf", "adv_lr": 0.0, "adv_reset": 0,
@@ -60,6 +63,9 @@ OFFICIAL: Dict[str, Any] = {
     # Stop recovering once accuracy on the (unaugmented) clean split is back within this many points
     # of the original model's; checked every ``recover_check_every`` steps. Clean data only.
     "recover_tolerance": 1.0, "recover_check_every": 25,
+    # The stopping rule needs a split that can measure a point of accuracy: on 10 images (one per
+    # class) one image is 10 points, so the rule fires on noise. Smaller splits run the whole recovery.
+    "recover_check_min_samples": 100,
 }
 
 DEFAULTS: Dict[str, Any] = {
@@ -194,7 +200,14 @@ class MaskTrainer:
         self.model, self.adapter, self.cfg = model, adapter, cfg
         self.device, self.g = device, generator
         self.channels_last, self.use_autocast = channels_last, use_autocast
-        units = forward_order(model, adapter.maskable_units(model), lambda m: adapter.forward(m, probe_inputs))
+        candidates = adapter.maskable_units(model)
+        exclude = list(cfg.get("mask_exclude") or [])
+        unknown = sorted(set(exclude) - set(candidates))
+        if unknown:
+            raise ValueError(f"nft.mask_exclude names {unknown}, which are not maskable units of this model; "
+                             f"choose from {candidates}")
+        candidates = [u for u in candidates if u not in exclude]
+        units = forward_order(model, candidates, lambda m: adapter.forward(m, probe_inputs))
         self.units = units
         self.masks = NeuralMasks(model, units, scale_bias=bool(cfg["mask_beta"]))
         self.lower = lower_bounds(cfg["schedule"], len(self.masks), **(cfg.get("schedule_params") or {}))
@@ -305,7 +318,8 @@ class NFT(Defense):
         masks = trainer.masks
         main_steps = int(c["steps"])
         target_acc = None
-        if int(c["recover_steps"]) > 0 and float(c["recover_tolerance"]) >= 0:
+        if (int(c["recover_steps"]) > 0 and float(c["recover_tolerance"]) >= 0
+                and len(clean) >= int(c["recover_check_min_samples"])):
             with torch.no_grad():
                 masks.fill_(1.0)
                 target_acc = clean_accuracy(model, adapter, clean, ctx.device) - float(c["recover_tolerance"])
@@ -342,3 +356,54 @@ class NFT(Defense):
         return DefenseResult(model=model, log=log, extras={"masks": mask_values},
                              info={"config": dict(c), "units": trainer.units, "lower_bounds": trainer.lower,
                                    "num_masks": int(sum(v.numel() for v in mask_values.values()))})
+
+
+def trace_nft(model: nn.Module, adapter: Modality, clean: Dataset, cfg: Dict[str, Any],
+              evaluate: Callable[[nn.Module], Dict[str, float]], *, every: int = 50,
+              clean_per_class: float = 60, device: torch.device = torch.device("cpu"), seed: int = 0,
+              interpolate: Sequence[float] = (), show_progress: bool = True) -> List[Dict[str, Any]]:
+    """NFT's trajectory: every ``every`` steps, the model as it would be returned, evaluated.
+
+    Runs every main and recovery step (the clean-split early stop is not applied, so the
+    whole recovery phase is seen). Each checkpoint is folded on a copy and its BN statistics
+    recalibrated when the config says so, exactly as :class:`NFT` returns its model;
+    ``evaluate`` gets that copy (a tool passes test ACC/ASR, a defender clean data only).
+    ``interpolate``: after the last step, masks m -> 1 - t (1 - m) for each t, evaluated the
+    same way (does a milder mask keep the removal at less accuracy cost?). A diagnostic tool,
+    not a defense: never choose settings on its test numbers.
+    """
+    import copy
+
+    c = cfg
+    steps, bs = int(c["steps"]) + int(c["recover_steps"]), int(c["batch_size"])
+    g = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(model).to(device)
+    loader = adapter.loader(clean, bs, generator=g, replacement_samples=steps * bs)
+    probe = adapter.to_device(next(iter(adapter.loader(clean, min(bs, 8))))[0], device)
+    trainer = MaskTrainer(model, adapter, c, probe, clean_per_class, device, g)
+
+    def snapshot() -> Dict[str, Any]:
+        ev = copy.deepcopy(model)  # still masked: outputs equal the folded model's (tested)
+        if c["bn_recalibrate"]:
+            recalibrate_norm_stats(ev, adapter, clean, device)
+        ev.eval()
+        row = {**evaluate(ev), "clean_split_acc": clean_accuracy(ev, adapter, clean, device), **trainer.masks.stats()}
+        model.train(c["bn_mode"] == "train")
+        return row
+
+    rows: List[Dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for step, batch in enumerate(progress(loader, total=steps, desc="nft-trace", enabled=show_progress)):
+        trainer.step(adapter.to_device(batch[0], device), batch[1].to(device), step)
+        if (step + 1) % every == 0 or step == steps - 1:
+            phase = "main" if step < int(c["steps"]) else "recovery"
+            rows.append({"step": step + 1, "phase": phase, "t": 1.0, **snapshot(),
+                         "seconds": time.perf_counter() - t0})
+    final = [u.mask.detach().clone() for u in trainer.masks.units]
+    for t in interpolate:
+        with torch.no_grad():
+            for u, v in zip(trainer.masks.units, final):
+                u.mask.copy_(1.0 - float(t) * (1.0 - v))
+        rows.append({"step": steps, "phase": "interpolated", "t": float(t), **snapshot(),
+                     "seconds": time.perf_counter() - t0})
+    return rows

@@ -47,6 +47,38 @@ def plot_mask_distribution(masks: Dict[str, torch.Tensor], path: str | Path, low
     return save_figure(fig, path)
 
 
+def plot_trace(rows: List[Dict[str, object]], path: str | Path, title: str = "NFT trajectory") -> Path:
+    """ACC and ASR (and clean-split accuracy) against NFT steps; interpolated masks as a second panel."""
+    plt = _plt()
+    steps = [r for r in rows if r.get("phase") != "interpolated"]
+    interp = [r for r in rows if r.get("phase") == "interpolated"]
+    fig, axes = plt.subplots(1, 2 if interp else 1, figsize=(10 if interp else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    xs = [r["step"] for r in steps]
+    for key, style in (("acc", "b-o"), ("asr", "r-o"), ("clean_split_acc", "g--")):
+        if steps and key in steps[0]:
+            ax.plot(xs, [r[key] for r in steps], style, ms=3, label=key)
+    main_end = max((r["step"] for r in steps if r.get("phase") == "main"), default=None)
+    if main_end is not None and any(r.get("phase") == "recovery" for r in steps):
+        ax.axvline(main_end, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="center right", fontsize=8)
+    if interp:
+        ax2 = axes[0][1]
+        interp = sorted(interp + steps[-1:], key=lambda r: r["t"])  # the last step is t = 1
+        ts = [r["t"] for r in interp]
+        ax2.plot(ts, [r["acc"] for r in interp], "b-o", ms=3, label="acc")
+        ax2.plot(ts, [r["asr"] for r in interp], "r-o", ms=3, label="asr")
+        ax2.set_xlabel("t (masks 1 - t(1 - m))")
+        ax2.set_ylim(-2, 102)
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_tsne(panels: List[Dict[str, np.ndarray]], path: str | Path, seed: int = 0) -> Path:
     """One t-SNE panel per model: ``{"title", "features", "labels", "poisoned"}``; poisoned shown as crosses."""
     from sklearn.manifold import TSNE

@@ -35,6 +35,16 @@ def test_grid_runs_resumes_and_writes_table(tmp_path):
     assert "| digits | badnets |" in md and "avg drop (ASR/ACC)" in md and md.count("/") >= 6
 
 
+def test_average_row_compares_defenses_on_the_same_victims():
+    def row(atk, d, asr, acc):
+        return {"dataset": "x", "model": "m", "attack": atk, "defense": d, "clean_per_class": 60, "seconds": 1,
+                "asr_before": 100, "acc_before": 90, "asr_after": asr, "acc_after": acc}
+    rows = [row("a", "nft", 0, 88), row("a", "ft", 50, 89), row("b", "nft", 100, 80)]
+    md = markdown_table(rows, 60)
+    assert "| avg drop (ASR/ACC), the 1 victims every defense ran |  |  | 100.00/2.00 | 50.00/1.00 |" in md
+    assert "| avg drop over its own victims (n) |  |  | 50.00/6.00 (2) | 50.00/1.00 (1) |" in md
+
+
 def test_step_time_ratio_is_measured(digits, image_adapter, small_model):
     clean, _ = image_adapter.clean_split(digits, 5, 0)
     t = step_times(image_adapter, small_model, clean, batch_size=32, repeats=3, warmup=1)

@@ -40,7 +40,8 @@ def test_universal_perturbation_stays_in_its_ball():
 
 def test_nft_run_folds_clips_recovers_and_is_deterministic(digits, image_adapter, small_model):
     clean, _ = image_adapter.clean_split(digits, 5, 0)
-    opts = {"steps": 30, "recover_steps": 30, "recover_check_every": 10, "batch_size": 32}
+    opts = {"steps": 30, "recover_steps": 30, "recover_check_every": 10, "batch_size": 32,
+            "recover_check_min_samples": 50}
     outs = []
     for _ in range(2):
         model = type(small_model)(10, 1, 8)
@@ -95,3 +96,52 @@ def test_bad_recovery_mode_is_refused(digits, image_adapter, small_model):
 
     with pytest.raises(ValueError, match="recover_adv must be"):
         _recovery_trainer(image_adapter, small_model, digits, recover_adv="sometimes")
+
+
+def test_trace_follows_the_defense_and_interpolates_between_victim_and_result(digits, image_adapter, small_model):
+    from core.nft import clean_accuracy, trace_nft
+
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    held = digits.test
+    opts = {"steps": 20, "recover_steps": 10, "recover_tolerance": -1, "batch_size": 32}
+    cfg = NFT(**opts).cfg
+    before = {k: v.clone() for k, v in small_model.state_dict().items()}
+    acc = lambda m: {"acc": clean_accuracy(m, image_adapter, held, torch.device("cpu"))}  # noqa: E731
+    rows = trace_nft(small_model, image_adapter, clean, cfg, acc, every=10, clean_per_class=5,
+                     interpolate=[0.0, 1.0], show_progress=False)
+    assert [(r["step"], r["phase"]) for r in rows] == [(10, "main"), (20, "main"), (30, "recovery"),
+                                                       (30, "interpolated"), (30, "interpolated")]
+    assert all(torch.equal(v, before[k]) for k, v in small_model.state_dict().items())  # input untouched
+    # The last trace point is the model NFT returns (same seed, no early stop).
+    model = type(small_model)(10, 1, 8)
+    model.load_state_dict(small_model.state_dict())
+    res = NFT(**opts).run(model, image_adapter, clean, DefenseContext(clean_per_class=5, show_progress=False))
+    assert abs(rows[2]["acc"] - acc(res.model)["acc"]) < 1e-9 and rows[4]["acc"] == rows[2]["acc"]
+    # t = 0 gives back the victim (with clean-data BN statistics, as every returned model has).
+    victim = type(small_model)(10, 1, 8)
+    victim.load_state_dict(before)
+    from core.nft import recalibrate_norm_stats
+
+    recalibrate_norm_stats(victim, image_adapter, clean, torch.device("cpu"))
+    assert abs(rows[3]["acc"] - acc(victim)["acc"]) < 1e-9
+
+
+def test_recovery_runs_to_the_end_when_the_split_is_too_small_to_measure(digits, image_adapter, small_model):
+    clean, _ = image_adapter.clean_split(digits, 5, 0)  # 50 images: one image is 2 points
+    opts = {"steps": 10, "recover_steps": 20, "recover_check_every": 5, "batch_size": 16}
+    res = NFT(**opts).run(small_model, image_adapter, clean, DefenseContext(clean_per_class=5, show_progress=False))
+    assert NFT().cfg["recover_check_min_samples"] == 100
+    assert not any("clean_split_acc" in r for r in res.log) and res.log[-1]["step"] == 30
+
+
+def test_mask_exclude_leaves_named_units_unmasked_and_refuses_unknown_names(digits, image_adapter, small_model):
+    import pytest
+
+    clean, _ = image_adapter.clean_split(digits, 2, 0)
+    opts = {"steps": 2, "recover_steps": 0, "batch_size": 8}
+    res = NFT(mask_exclude=["bn3"], **opts).run(small_model, image_adapter, clean,
+                                                DefenseContext(clean_per_class=2, show_progress=False))
+    assert res.info["units"] == ["bn1", "bn2"]
+    with pytest.raises(ValueError, match="not maskable units"):
+        NFT(mask_exclude=["bn9"], **opts).run(small_model, image_adapter, clean,
+                                              DefenseContext(clean_per_class=2, show_progress=False))

@@ -51,6 +51,21 @@ def test_purify_and_evaluate_run_dir(victim_dir, tmp_path):
     assert {"before", "after"} <= set(metrics)
 
 
+def test_trace_nft_writes_a_trajectory(victim_dir, tmp_path):
+    import csv
+
+    out = tmp_path / "trace"
+    tool("tools/trace_nft.py", "--run", str(victim_dir), "--clean-per-class", "5", "--every", "10",
+         "--set", "defense.options.steps=20", "defense.options.recover_steps=10", "defense.options.batch_size=32",
+         "--interpolate", "0", "--test-subset", "200", "--out", str(out), "--no-progress")
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["phase"] for r in rows] == ["main", "main", "recovery", "interpolated"]
+    # t = 0 is the victim itself: the backdoor is fully there.
+    victim_asr = json.loads((victim_dir / "metrics.json").read_text())["before"]["asr"]
+    assert float(rows[-1]["asr"]) > 0.8 * victim_asr
+    assert out.with_suffix(".png").is_file()
+
+
 def test_purify_outside_weights(victim_dir, tmp_path):
     # An outside state dict saved as a weights-only torch file, with a DataParallel prefix.
     from safetensors.torch import load_file
