@@ -298,6 +298,19 @@ class MaskTrainer:
         return {"loss": loss.detach(), "task_loss": loss.detach(), "lambda": lam}
 
 
+def start_mask_training(model: nn.Module, adapter: Modality, clean: Dataset, cfg: Dict[str, Any],
+                        clean_per_class: float, device: torch.device, seed: int, channels_last: bool = False,
+                        use_autocast: bool = False) -> tuple:
+    """Masks attached to ``model`` and the seeded with-replacement loader of every step: (trainer, loader)."""
+    steps, bs = int(cfg["steps"]) + int(cfg["recover_steps"]), int(cfg["batch_size"])
+    g = torch.Generator().manual_seed(seed)
+    loader = adapter.loader(clean, bs, generator=g, replacement_samples=steps * bs)
+    probe = adapter.to_device(next(iter(adapter.loader(clean, min(bs, 8))))[0], device)
+    trainer = MaskTrainer(model, adapter, cfg, probe, clean_per_class, device, g,
+                          channels_last=channels_last, use_autocast=use_autocast)
+    return trainer, loader
+
+
 @DEFENSES.register("nft")
 class NFT(Defense):
     """Neural mask Fine-Tuning. Presets: ``official`` (released code), default (augmented)."""
@@ -308,13 +321,9 @@ class NFT(Defense):
 
     def run(self, model: nn.Module, adapter: Modality, clean: Dataset, ctx: DefenseContext) -> DefenseResult:
         c = self.cfg
-        steps, bs = int(c["steps"]) + int(c["recover_steps"]), int(c["batch_size"])
-        g = torch.Generator().manual_seed(ctx.seed)
-        model.to(ctx.device)
-        loader = adapter.loader(clean, bs, generator=g, replacement_samples=steps * bs)
-        probe = adapter.to_device(next(iter(adapter.loader(clean, min(bs, 8))))[0], ctx.device)
-        trainer = MaskTrainer(model, adapter, c, probe, ctx.clean_per_class, ctx.device, g,
-                              channels_last=ctx.channels_last, use_autocast=ctx.autocast)
+        steps = int(c["steps"]) + int(c["recover_steps"])
+        trainer, loader = start_mask_training(model.to(ctx.device), adapter, clean, c, ctx.clean_per_class,
+                                              ctx.device, ctx.seed, ctx.channels_last, ctx.autocast)
         masks = trainer.masks
         main_steps = int(c["steps"])
         target_acc = None
@@ -375,12 +384,9 @@ def trace_nft(model: nn.Module, adapter: Modality, clean: Dataset, cfg: Dict[str
     import copy
 
     c = cfg
-    steps, bs = int(c["steps"]) + int(c["recover_steps"]), int(c["batch_size"])
-    g = torch.Generator().manual_seed(seed)
+    steps = int(c["steps"]) + int(c["recover_steps"])
     model = copy.deepcopy(model).to(device)
-    loader = adapter.loader(clean, bs, generator=g, replacement_samples=steps * bs)
-    probe = adapter.to_device(next(iter(adapter.loader(clean, min(bs, 8))))[0], device)
-    trainer = MaskTrainer(model, adapter, c, probe, clean_per_class, device, g)
+    trainer, loader = start_mask_training(model, adapter, clean, c, clean_per_class, device, seed)
 
     def snapshot() -> Dict[str, Any]:
         ev = copy.deepcopy(model)  # still masked: outputs equal the folded model's (tested)
