@@ -231,26 +231,18 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
             drops[d][key] = (asr_b - asr, acc_b - acc)
         lines.append("| " + " | ".join(cells) + " |")
 
-    def avg_row(label: str, keys_of: Callable[[str], List[tuple]]) -> str:
-        out = [label, "", ""]
-        for d in defenses:
-            vals = [drops[d][k] for k in keys_of(d)]
-            out.append(f"{sum(a for a, _ in vals) / len(vals):.2f}/{sum(b for _, b in vals) / len(vals):.2f}"
-                       if vals else "-")
-        return "| " + " | ".join(out) + " |"
+    def mean_drop(vals: List[tuple]) -> str:
+        return f"{sum(a for a, _ in vals) / len(vals):.2f}/{sum(b for _, b in vals) / len(vals):.2f}" if vals else "-"
 
     # Averages compare defenses only over the same victims; where columns cover different
     # victims, each column's own average (n victims) follows on a separate row.
     common = [k for k in groups if all(k in drops[d] for d in defenses)]
-    if len(common) == len(groups):
-        lines.append(avg_row("avg drop (ASR/ACC)", lambda d: common))
-    else:
-        lines.append(avg_row(f"avg drop (ASR/ACC), the {len(common)} victims every defense ran", lambda d: common))
-        own = ["avg drop over its own victims (n)", "", ""]
-        for d in defenses:
-            v = list(drops[d].values())
-            own.append(f"{sum(a for a, _ in v) / len(v):.2f}/{sum(b for _, b in v) / len(v):.2f} ({len(v)})")
-        lines.append("| " + " | ".join(own) + " |")
+    label = "avg drop (ASR/ACC)" if len(common) == len(groups) else \
+        f"avg drop (ASR/ACC), the {len(common)} victims every defense ran"
+    lines.append("| " + " | ".join([label, "", ""] + [mean_drop([drops[d][k] for k in common]) for d in defenses]) + " |")
+    if len(common) < len(groups):
+        own = [f"{mean_drop(list(drops[d].values()))} ({len(drops[d])})" for d in defenses]
+        lines.append("| " + " | ".join(["avg drop over its own victims (n)", "", ""] + own) + " |")
     secs = ["median seconds", "", ""]
     for d in defenses:
         s = sorted(_f(r["seconds"]) for r in rows if r["defense"] == d)

@@ -15,6 +15,7 @@ clean-data accuracy rule; BN recalibration on clean data.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -134,8 +135,6 @@ def clean_accuracy(model: nn.Module, adapter: Modality, data: Dataset, device: t
 
     Recalibration works on a copy, so the model being trained keeps its running statistics.
     """
-    import copy
-
     if recalibrate:
         model = copy.deepcopy(model)
         recalibrate_norm_stats(model, adapter, data, device)
@@ -374,22 +373,21 @@ def trace_nft(model: nn.Module, adapter: Modality, clean: Dataset, cfg: Dict[str
     """NFT's trajectory: every ``every`` steps, the model as it would be returned, evaluated.
 
     Runs every main and recovery step (the clean-split early stop is not applied, so the
-    whole recovery phase is seen). Each checkpoint is folded on a copy and its BN statistics
-    recalibrated when the config says so, exactly as :class:`NFT` returns its model;
+    whole recovery phase is seen). Each checkpoint is a copy of the masked model (its outputs
+    equal the folded model's) with BN statistics recalibrated when the config says so, as
+    :class:`NFT` returns its model;
     ``evaluate`` gets that copy (a tool passes test ACC/ASR, a defender clean data only).
     ``interpolate``: after the last step, masks m -> 1 - t (1 - m) for each t, evaluated the
     same way (does a milder mask keep the removal at less accuracy cost?). A diagnostic tool,
     not a defense: never choose settings on its test numbers.
     """
-    import copy
-
     c = cfg
     steps = int(c["steps"]) + int(c["recover_steps"])
     model = copy.deepcopy(model).to(device)
     trainer, loader = start_mask_training(model, adapter, clean, c, clean_per_class, device, seed)
 
     def snapshot() -> Dict[str, Any]:
-        ev = copy.deepcopy(model)  # still masked: outputs equal the folded model's (tested)
+        ev = copy.deepcopy(model)
         if c["bn_recalibrate"]:
             recalibrate_norm_stats(ev, adapter, clean, device)
         ev.eval()

@@ -2,9 +2,9 @@
 """NFT step by step on a victim: test ACC/ASR, clean-split accuracy and mask statistics every N steps.
 
     python tools/trace_nft.py --run runs/victims/VICTIM --every 50 --set defense.options.recover_steps=400
-    python tools/trace_nft.py --run runs/victims/VICTIM --interpolate 0.5 0.8 0.9 1.0
+    python tools/trace_nft.py --run runs/victims/VICTIM --interpolate 0.5 0.8 0.9
 
-Writes <out>.csv, <out>.md and <out>.png (ACC and ASR against steps). A diagnostic for research:
+Writes <out>.csv and <out>.png (ACC and ASR against steps; the interpolation as a second panel). A diagnostic for research:
 the recovery early stop is not applied, and test numbers must never choose NFT's settings.
 """
 from __future__ import annotations
