@@ -112,6 +112,10 @@ class Modality:
     name = "base"
     models: Registry = Registry("model")
     attacks: Registry = Registry("attack")
+    # Per-defense settings this modality has measured to work better than the method's own
+    # defaults (e.g. {"nft": {"adv_frac": 0.0}}). They sit between the defaults and the user's
+    # options; a named preset (e.g. nft's "official") is used as it is, without them.
+    defense_defaults: Dict[str, Dict[str, Any]] = {}
 
     # -- models -------------------------------------------------------------------
     def build_model(self, arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -184,8 +188,14 @@ class Modality:
     def task_loss(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
         return self.criterion(self.forward(model, inputs), targets)
 
-    def mix(self, a: Any, b: Any, lam: float, generator: Optional[torch.Generator] = None) -> Tuple[Any, float]:
-        """Mix two input batches with weight ``lam``; returns (mixed, effective lambda)."""
+    def mix(self, a: Any, b: Any, lam: float, generator: Optional[torch.Generator] = None,
+            mode: Optional[str] = None) -> Tuple[Any, float]:
+        """Mix two input batches with weight ``lam``; returns (mixed, effective lambda).
+
+        ``mode`` picks one of the modality's mix kinds (None: its default); the base knows ``mixup``.
+        """
+        if mode not in (None, "mixup"):
+            raise ValueError(f"the {self.name} modality has no mix mode '{mode}'; use mixup (or leave nft.mix unset)")
         return lam * a + (1.0 - lam) * b, lam
 
     def augment(self, inputs: Any, policy: Any, generator: Optional[torch.Generator] = None) -> Any:

@@ -58,7 +58,10 @@ class MaskUnit:
         return self.mask.numel()
 
 
-def _affine_norm(m: nn.Module) -> bool:
+def is_affine_norm(m: Optional[nn.Module]) -> bool:
+    """A normalisation layer with a per-channel scale (what a mask multiplies)."""
+    if m is None:
+        return False
     if isinstance(m, nn.LayerNorm):
         return m.elementwise_affine and m.weight is not None and m.weight.dim() == 1
     return isinstance(m, NORM_TYPES) and getattr(m, "affine", False) and m.weight is not None
@@ -92,7 +95,7 @@ def find_maskable_units(model: nn.Module, exclude: Iterable[str] = (),
             if not isinstance(m, OUTPUT_TYPES):
                 raise ValueError(f"output unit '{name}' is a {type(m).__name__}; only Linear/Conv units can be output-masked")
             names.append(name)
-        elif _affine_norm(m):
+        elif is_affine_norm(m):
             names.append(name)
     missing = outputs - set(names)
     if missing:
@@ -146,7 +149,7 @@ class NeuralMasks:
             m = modules[name]
             if parametrize.is_parametrized(m):
                 raise ValueError(f"module '{name}' already carries masks; fold or detach them first")
-            kind = "norm" if _affine_norm(m) else "output"
+            kind = "norm" if is_affine_norm(m) else "output"
             if kind == "output" and not isinstance(m, OUTPUT_TYPES):
                 raise ValueError(f"module '{name}' ({type(m).__name__}) cannot be masked")
             dev = m.weight.device

@@ -16,6 +16,7 @@ clean-data accuracy rule; BN recalibration on clean data.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .adapter import Modality
 from .defenses.base import Defense, DefenseContext, DefenseResult
-from .masks import NeuralMasks, forward_order
+from .masks import NeuralMasks, forward_order, is_affine_norm
 from .mixup import mixed_loss, mixup_batch
 from .regularizer import mask_penalty, penalty_weight
 from .registry import DEFENSES
@@ -38,12 +39,18 @@ OFFICIAL: Dict[str, Any] = {
     "lr": 0.05, "momentum": 0.95, "weight_decay": 0.0, "lr_min": 0.02,
     "lr_schedule": "cosine_per_pass", "passes": 5,     # cosine over the 5 outer passes of 200 batches
     "mixup_alpha": 1.0,
+    # How two inputs are mixed: None = the modality's default (pixel MixUp for images, the data
+    # config's ``mix`` for video); otherwise one of the modality's mix modes (e.g. "mixup").
+    "mix": None,
     "reg_norm": "l1", "eta": 1e-3,
     "schedule": "exponential", "schedule_params": {"a": 0.8, "b": 0.5},
     "bn_mode": "train", "mask_beta": False,
     # Maskable units (names as in model.named_modules()) to leave unmasked, besides the model's own
     # ``nft_mask_exclude`` (e.g. a stem BN).
     "mask_exclude": [],
+    # Units to mask although the model's own ``nft_mask_exclude`` leaves them out (e.g. ["stem.1"]);
+    # ``mask_model_excluded`` masks every unit that list names.
+    "mask_include": [], "mask_model_excluded": False,
     "augment": "weak",
     # Universal adversarial perturbation applied to a share of each mixed batch.
     "adv_frac": 0.0, "adv_eps": 0.0, "adv_norm": "linf", "adv_lr": 0.0, "adv_reset": 0,
@@ -200,6 +207,16 @@ class MaskTrainer:
         self.device, self.g = device, generator
         self.channels_last, self.use_autocast = channels_last, use_autocast
         candidates = adapter.maskable_units(model)
+        modules = dict(model.named_modules())
+        include = list(cfg.get("mask_include") or [])
+        if cfg.get("mask_model_excluded"):
+            include += [n for n in getattr(model, "nft_mask_exclude", ()) if is_affine_norm(modules.get(n))]
+        for name in include:
+            if not is_affine_norm(modules.get(name)):
+                raise ValueError(f"nft.mask_include names '{name}', which is not an affine normalisation layer of "
+                                 f"this model; use a name from model.named_modules() such as {candidates[:3]}")
+            if name not in candidates:
+                candidates.append(name)
         exclude = list(cfg.get("mask_exclude") or [])
         unknown = sorted(set(exclude) - set(candidates))
         if unknown:
@@ -220,6 +237,10 @@ class MaskTrainer:
             params.append(self.log_temperature)
         self.opt = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                                    weight_decay=float(cfg["weight_decay"]))
+        self.mix = adapter.mix
+        if cfg.get("mix") is not None:
+            self.mix = functools.partial(adapter.mix, mode=str(cfg["mix"]))
+            self.mix(probe_inputs, probe_inputs, 0.5, torch.Generator())  # an unknown mode fails here, not mid-run
         self.uap: Optional[UniversalPerturbation] = None
         if float(cfg["adv_frac"]) > 0 and float(cfg["adv_eps"]) > 0:
             self.uap = UniversalPerturbation(adapter.perturbation_shape(probe_inputs), float(cfg["adv_eps"]),
@@ -239,7 +260,7 @@ class MaskTrainer:
             return self._recovery_step(x, y)
         x = adapter.augment(x, c["augment"], g)
         if float(c["mixup_alpha"]) > 0:
-            x, ya, yb, lam = mixup_batch(x, y, adapter.mix, float(c["mixup_alpha"]), g)
+            x, ya, yb, lam = mixup_batch(x, y, self.mix, float(c["mixup_alpha"]), g)
         else:
             ya, yb, lam = y, y, 1.0
         uap = self.uap
@@ -281,7 +302,7 @@ class MaskTrainer:
         ya, yb, lam = y, y, 1.0
         alpha = float(c["mixup_alpha"] if c.get("recover_mixup_alpha") is None else c["recover_mixup_alpha"])
         if c.get("recover_mixup") and alpha > 0:
-            x, ya, yb, lam = mixup_batch(x, y, self.adapter.mix, alpha, self.g)
+            x, ya, yb, lam = mixup_batch(x, y, self.mix, alpha, self.g)
         x = to_memory_format(self.model, x, self.channels_last)
         with autocast(self.device, self.use_autocast):
             out = self.adapter.forward(self.model, x)

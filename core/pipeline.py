@@ -154,7 +154,10 @@ def attack_from_run(adapter: Modality, run: RunDir, num_classes: int) -> Optiona
 
 def run_defense(adapter: Modality, model: nn.Module, clean: Any, name: str, options: Optional[Dict[str, Any]],
                 ctx: DefenseContext, preset: Optional[str] = None) -> Tuple[DefenseResult, float]:
-    defense = DEFENSES.get(name)(preset=preset, **(options or {}))
+    options = dict(options or {})
+    if not preset:
+        options = {**(getattr(adapter, "defense_defaults", {}) or {}).get(name, {}), **options}
+    defense = DEFENSES.get(name)(preset=preset, **options)
     seed_everything(ctx.seed)
     t0 = time.perf_counter()
     result = defense.run(copy.deepcopy(model), adapter, clean, ctx)

@@ -145,3 +145,53 @@ def test_mask_exclude_leaves_named_units_unmasked_and_refuses_unknown_names(digi
     with pytest.raises(ValueError, match="not maskable units"):
         NFT(mask_exclude=["bn9"], **opts).run(small_model, image_adapter, clean,
                                               DefenseContext(clean_per_class=2, show_progress=False))
+
+
+def test_mask_include_and_model_excluded_units_bring_back_what_the_model_leaves_out(digits, image_adapter, small_model):
+    import copy
+
+    import pytest
+
+    clean, _ = image_adapter.clean_split(digits, 2, 0)
+    opts = {"steps": 2, "recover_steps": 0, "batch_size": 8}
+    ctx = DefenseContext(clean_per_class=2, show_progress=False)
+    model = copy.deepcopy(small_model)
+    model.nft_mask_exclude = ("bn1",)  # as a model that leaves its stem BN out
+    assert NFT(**opts).run(copy.deepcopy(model), image_adapter, clean, ctx).info["units"] == ["bn2", "bn3"]
+    for extra in ({"mask_include": ["bn1"]}, {"mask_model_excluded": True}):
+        res = NFT(**opts, **extra).run(copy.deepcopy(model), image_adapter, clean, ctx)
+        assert res.info["units"] == ["bn1", "bn2", "bn3"], extra
+    with pytest.raises(ValueError, match="not an affine normalisation layer"):
+        NFT(mask_include=["conv1"], **opts).run(copy.deepcopy(model), image_adapter, clean, ctx)
+
+
+def test_mix_option_picks_a_mode_of_the_modality_and_refuses_unknown_ones(digits, image_adapter, small_model):
+    import copy
+
+    import pytest
+
+    clean, _ = image_adapter.clean_split(digits, 2, 0)
+    opts = {"steps": 2, "recover_steps": 0, "batch_size": 8}
+    ctx = DefenseContext(clean_per_class=2, show_progress=False)
+    NFT(mix="mixup", **opts).run(copy.deepcopy(small_model), image_adapter, clean, ctx)
+    with pytest.raises(ValueError, match="no mix mode 'cutmix'"):
+        NFT(mix="cutmix", **opts).run(copy.deepcopy(small_model), image_adapter, clean, ctx)
+
+
+def test_modality_defense_defaults_sit_under_user_options_and_not_under_presets(digits, image_adapter, small_model):
+    import copy
+
+    from core.pipeline import run_defense
+
+    clean, _ = image_adapter.clean_split(digits, 2, 0)
+    adapter = copy.copy(image_adapter)
+    adapter.defense_defaults = {"nft": {"eta": 0.5, "batch_size": 8}}
+    ctx = DefenseContext(clean_per_class=2, show_progress=False)
+    res, _ = run_defense(adapter, copy.deepcopy(small_model), clean, "nft", {"steps": 2, "recover_steps": 0, "eta": 0.25}, ctx)
+    assert res.info["config"]["batch_size"] == 8 and res.info["config"]["eta"] == 0.25
+    res, _ = run_defense(adapter, copy.deepcopy(small_model), clean, "nft", {"steps": 2, "batch_size": 8}, ctx,
+                         preset="official")
+    assert res.info["config"]["eta"] == OFFICIAL["eta"]
+    from modalities import get_modality
+
+    assert get_modality("video").defense_defaults["nft"] == {"adv_frac": 0.0, "mask_model_excluded": True}
