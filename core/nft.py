@@ -54,6 +54,9 @@ OFFICIAL: Dict[str, Any] = {
     "augment": "weak",
     # Universal adversarial perturbation applied to a share of each mixed batch.
     "adv_frac": 0.0, "adv_eps": 0.0, "adv_norm": "linf", "adv_lr": 0.0, "adv_reset": 0,
+    # Input dims (0 = the first after the batch) over which the perturbation is one shared value:
+    # [1] on a (C, T, H, W) clip is one frame pattern for every time step, which cannot encode motion.
+    "adv_shared_dims": [],
     # Re-estimate BN running statistics on the clean split (no augmentation) after folding.
     "bn_recalibrate": False,
     # A learned logit temperature during mask training (not folded: argmax is unchanged).
@@ -243,7 +246,13 @@ class MaskTrainer:
             self.mix(probe_inputs, probe_inputs, 0.5, torch.Generator())  # an unknown mode fails here, not mid-run
         self.uap: Optional[UniversalPerturbation] = None
         if float(cfg["adv_frac"]) > 0 and float(cfg["adv_eps"]) > 0:
-            self.uap = UniversalPerturbation(adapter.perturbation_shape(probe_inputs), float(cfg["adv_eps"]),
+            shape = list(adapter.perturbation_shape(probe_inputs))
+            for d in cfg.get("adv_shared_dims") or []:
+                if not 0 <= int(d) < len(shape):
+                    raise ValueError(f"nft.adv_shared_dims has {d}, but a perturbation of this modality has dims "
+                                     f"0..{len(shape) - 1} (shape {tuple(shape)})")
+                shape[int(d)] = 1
+            self.uap = UniversalPerturbation(tuple(shape), float(cfg["adv_eps"]),
                                              float(cfg["adv_lr"]), cfg["adv_norm"], device, generator)
         mode = "frozen" if cfg["recover_adv"] is True else cfg["recover_adv"]
         if mode not in (False, None, "frozen", "live"):

@@ -194,4 +194,24 @@ def test_modality_defense_defaults_sit_under_user_options_and_not_under_presets(
     assert res.info["config"]["eta"] == OFFICIAL["eta"]
     from modalities import get_modality
 
-    assert get_modality("video").defense_defaults["nft"] == {"adv_frac": 0.0, "mask_model_excluded": True}
+    assert get_modality("video").defense_defaults["nft"] == {"adv_shared_dims": [1], "mask_beta": True,
+                                                             "mask_model_excluded": True}
+
+
+def test_adv_shared_dims_shares_one_perturbation_value_along_those_dims(digits, image_adapter, small_model):
+    import copy
+
+    import pytest
+
+    from core.nft import DEFAULTS, MaskTrainer
+
+    x = torch.rand(4, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    trainer = MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(DEFAULTS, adv_shared_dims=[1]), x, 2,
+                          torch.device("cpu"), g)
+    assert tuple(trainer.uap.delta.shape) == (1, 1, 8)  # one value per column, shared down the rows
+    trainer.step(x, torch.tensor([0, 1, 2, 3]), 0)
+    assert tuple(trainer.uap.delta.shape) == (1, 1, 8)
+    with pytest.raises(ValueError, match="adv_shared_dims has 3"):
+        MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(DEFAULTS, adv_shared_dims=[3]), x, 2,
+                    torch.device("cpu"), g)
