@@ -57,6 +57,9 @@ OFFICIAL: Dict[str, Any] = {
     # Input dims (0 = the first after the batch) over which the perturbation is one shared value:
     # [1] on a (C, T, H, W) clip is one frame pattern for every time step, which cannot encode motion.
     "adv_shared_dims": [],
+    # Several universal perturbations, each on its own slice of the perturbed share: from different
+    # starts they can settle on different universal directions (a trigger among natural ones).
+    "adv_count": 1,
     # Re-estimate BN running statistics on the clean split (no augmentation) after folding.
     "bn_recalibrate": False,
     # A learned logit temperature during mask training (not folded: argmax is unchanged).
@@ -245,6 +248,7 @@ class MaskTrainer:
             self.mix = functools.partial(adapter.mix, mode=str(cfg["mix"]))
             self.mix(probe_inputs, probe_inputs, 0.5, torch.Generator())  # an unknown mode fails here, not mid-run
         self.uap: Optional[UniversalPerturbation] = None
+        self.uaps: List[UniversalPerturbation] = []
         if float(cfg["adv_frac"]) > 0 and float(cfg["adv_eps"]) > 0:
             shape = list(adapter.perturbation_shape(probe_inputs))
             for d in cfg.get("adv_shared_dims") or []:
@@ -252,8 +256,12 @@ class MaskTrainer:
                     raise ValueError(f"nft.adv_shared_dims has {d}, but a perturbation of this modality has dims "
                                      f"0..{len(shape) - 1} (shape {tuple(shape)})")
                 shape[int(d)] = 1
-            self.uap = UniversalPerturbation(tuple(shape), float(cfg["adv_eps"]),
-                                             float(cfg["adv_lr"]), cfg["adv_norm"], device, generator)
+            count = int(cfg.get("adv_count", 1))
+            if count < 1:
+                raise ValueError(f"nft.adv_count must be >= 1, got {count}")
+            self.uaps = [UniversalPerturbation(tuple(shape), float(cfg["adv_eps"]), float(cfg["adv_lr"]),
+                                               cfg["adv_norm"], device, generator) for _ in range(count)]
+            self.uap = self.uaps[0]
         mode = "frozen" if cfg["recover_adv"] is True else cfg["recover_adv"]
         if mode not in (False, None, "frozen", "live"):
             raise ValueError(f"nft.recover_adv must be false, 'frozen' or 'live', got {mode!r}")
@@ -272,11 +280,12 @@ class MaskTrainer:
             x, ya, yb, lam = mixup_batch(x, y, self.mix, float(c["mixup_alpha"]), g)
         else:
             ya, yb, lam = y, y, 1.0
-        uap = self.uap
-        if uap is not None:
+        uaps = self.uaps
+        if uaps:
             if c["adv_reset"] and step > 0 and step % int(c["adv_reset"]) == 0:
-                uap.reset()
-            x = self._perturb_share(x, uap.delta)
+                for u in uaps:
+                    u.reset()
+            x = self._perturb_share(x, [u.delta for u in uaps])
         x = to_memory_format(self.model, x, self.channels_last)
         with autocast(self.device, self.use_autocast):
             out = adapter.forward(self.model, x)
@@ -285,29 +294,31 @@ class MaskTrainer:
         task = mixed_loss(adapter.criterion, out, ya, yb, lam)
         loss = task + self.reg_w * mask_penalty(self.masks.parameters(), c["reg_norm"])
         self.opt.zero_grad(set_to_none=True)
-        if uap is not None:
-            uap.delta.grad = None
+        for u in uaps:
+            u.delta.grad = None
         loss.backward()
         self.opt.step()
         self.masks.clip_(self.lower)
-        if uap is not None:
-            uap.ascend()
+        for u in uaps:
+            u.ascend()
         return {"loss": loss.detach(), "task_loss": task.detach(), "lambda": lam}
 
-    def _perturb_share(self, x: Any, delta: torch.Tensor) -> Any:
-        """The first ``adv_frac`` of the batch with the universal perturbation added."""
+    def _perturb_share(self, x: Any, deltas: List[torch.Tensor]) -> Any:
+        """The first ``adv_frac`` of the batch perturbed, split into one contiguous slice per perturbation."""
         k = int(round(float(self.cfg["adv_frac"]) * len(x)))
-        if k >= len(x):
-            return self.adapter.perturb(x, delta)
-        return torch.cat([self.adapter.perturb(x[:k], delta), x[k:]])
+        if k <= 0:
+            return x
+        bounds = [round(i * k / len(deltas)) for i in range(len(deltas) + 1)]
+        parts = [self.adapter.perturb(x[a:b], d) for a, b, d in zip(bounds, bounds[1:], deltas) if b > a]
+        return torch.cat(parts + ([x[k:]] if k < len(x) else []))
 
     def _recovery_step(self, x: Any, y: Any) -> Dict[str, float]:
         c = self.cfg
         mode = self.recover_adv
         x = self.adapter.augment(x, c["recover_augment"], self.g)
-        uap = self.uap if mode else None
-        if uap is not None:
-            x = self._perturb_share(x, uap.delta if mode == "live" else uap.delta.detach())
+        uaps = self.uaps if mode else []
+        if uaps:
+            x = self._perturb_share(x, [u.delta if mode == "live" else u.delta.detach() for u in uaps])
         ya, yb, lam = y, y, 1.0
         alpha = float(c["mixup_alpha"] if c.get("recover_mixup_alpha") is None else c["recover_mixup_alpha"])
         if c.get("recover_mixup") and alpha > 0:
@@ -317,13 +328,14 @@ class MaskTrainer:
             out = self.adapter.forward(self.model, x)
         loss = mixed_loss(self.adapter.criterion, out, ya, yb, lam)
         self.opt.zero_grad(set_to_none=True)
-        if uap is not None:
-            uap.delta.grad = None
+        for u in uaps:
+            u.delta.grad = None
         loss.backward()
         self.opt.step()
         self.masks.clip_(self.lower)
-        if uap is not None and mode == "live":
-            uap.ascend()
+        if mode == "live":
+            for u in uaps:
+                u.ascend()
         return {"loss": loss.detach(), "task_loss": loss.detach(), "lambda": lam}
 
 

@@ -46,6 +46,7 @@ class VideoModality(Modality):
     # over time, becomes a natural adversarial *motion* pattern instead of the trigger (patch ASR 46%);
     # one frame pattern shared by every time step cannot encode motion, so it finds frame triggers.
     # A patch trigger is read in the stem, whose BN the models leave out; gamma and beta masks.
+    # (Four patterns, adv_count 4, reached the blended frame more often but the patch less: not default.)
     defense_defaults = {"nft": {"adv_shared_dims": [1], "mask_beta": True, "mask_model_excluded": True}}
 
     def __init__(self, mix: str = "videomix") -> None:

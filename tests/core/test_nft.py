@@ -215,3 +215,23 @@ def test_adv_shared_dims_shares_one_perturbation_value_along_those_dims(digits, 
     with pytest.raises(ValueError, match="adv_shared_dims has 3"):
         MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(DEFAULTS, adv_shared_dims=[3]), x, 2,
                     torch.device("cpu"), g)
+
+
+def test_adv_count_gives_each_perturbation_its_own_slice_of_the_perturbed_share(image_adapter, small_model):
+    import copy
+
+    import pytest
+
+    from core.nft import DEFAULTS, MaskTrainer
+
+    x = torch.full((4, 1, 8, 8), 0.5)
+    up, down = torch.full((1, 8, 8), 0.1), torch.full((1, 8, 8), -0.1)
+    for frac, rows in ((1.0, [0.6, 0.6, 0.4, 0.4]), (0.5, [0.6, 0.4, 0.5, 0.5])):
+        trainer = MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(DEFAULTS, adv_count=2, adv_frac=frac),
+                              x, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+        assert len(trainer.uaps) == 2 and trainer.uap is trainer.uaps[0]
+        out = trainer._perturb_share(x, [up, down])
+        torch.testing.assert_close(out.mean(dim=(1, 2, 3)), torch.tensor(rows))
+    with pytest.raises(ValueError, match="adv_count must be >= 1"):
+        MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(DEFAULTS, adv_count=0), x, 2,
+                    torch.device("cpu"), torch.Generator())
