@@ -247,7 +247,6 @@ class MaskTrainer:
         if cfg.get("mix") is not None:
             self.mix = functools.partial(adapter.mix, mode=str(cfg["mix"]))
             self.mix(probe_inputs, probe_inputs, 0.5, torch.Generator())  # an unknown mode fails here, not mid-run
-        self.uap: Optional[UniversalPerturbation] = None
         self.uaps: List[UniversalPerturbation] = []
         if float(cfg["adv_frac"]) > 0 and float(cfg["adv_eps"]) > 0:
             shape = list(adapter.perturbation_shape(probe_inputs))
@@ -261,12 +260,16 @@ class MaskTrainer:
                 raise ValueError(f"nft.adv_count must be >= 1, got {count}")
             self.uaps = [UniversalPerturbation(tuple(shape), float(cfg["adv_eps"]), float(cfg["adv_lr"]),
                                                cfg["adv_norm"], device, generator) for _ in range(count)]
-            self.uap = self.uaps[0]
         mode = "frozen" if cfg["recover_adv"] is True else cfg["recover_adv"]
         if mode not in (False, None, "frozen", "live"):
             raise ValueError(f"nft.recover_adv must be false, 'frozen' or 'live', got {mode!r}")
         self.recover_adv = mode or False
         model.train(cfg["bn_mode"] == "train")
+
+    @property
+    def uap(self) -> Optional[UniversalPerturbation]:
+        """The first universal perturbation (None without one); the log reports its size."""
+        return self.uaps[0] if self.uaps else None
 
     def step(self, x: Any, y: Any, step: int) -> Dict[str, float]:
         c, adapter, g = self.cfg, self.adapter, self.g
