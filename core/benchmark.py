@@ -18,7 +18,8 @@ import torch
 from .adapter import Modality
 from .config import deep_merge, load_yaml
 from .defenses.base import DefenseContext
-from .pipeline import attack_from_run, cached_victim, get_or_train_victim, load_bundle, purify_to_run
+from .pipeline import (attack_from_run, cached_victim, get_or_train_victim, load_bundle, make_defense,
+                       purify_to_run)
 from .registry import DEFENSES
 from .rundir import write_csv
 from .utils import pick_device, progress
@@ -280,13 +281,13 @@ def step_times(adapter: Modality, model: torch.nn.Module, clean: Any, *, nft_opt
     """
     import copy
 
-    from .nft import NFT, MaskTrainer
+    from .nft import MaskTrainer
 
     device = device or pick_device(None)
     g = torch.Generator().manual_seed(seed)
     batch = next(iter(adapter.loader(clean, batch_size, generator=g, replacement_samples=batch_size)))
     x0, y0 = adapter.to_device(batch[0], device), batch[1].to(device)
-    cfg = NFT(**(nft_options or {})).cfg
+    cfg = make_defense(adapter, "nft", nft_options).cfg  # as the defense runs on this modality
 
     ft_model = copy.deepcopy(model).to(device).train()
     opt = torch.optim.SGD(ft_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapter import Attack, DataBundle, Modality
 from .config import deep_merge
-from .defenses.base import DefenseContext, DefenseResult
+from .defenses.base import Defense, DefenseContext, DefenseResult
 from .metrics import summarize
 from .registry import DEFENSES
 from .rundir import RunDir, load_state_into, load_weights
@@ -152,12 +152,17 @@ def attack_from_run(adapter: Modality, run: RunDir, num_classes: int) -> Optiona
     return attack
 
 
+def make_defense(adapter: Modality, name: str, options: Optional[Dict[str, Any]] = None,
+                 preset: Optional[str] = None) -> Defense:
+    """The defense ``name`` as it runs on this modality: its defaults, then the modality's measured
+    settings (``adapter.defense_defaults``; skipped under a named preset), then ``options``."""
+    merged = dict(options or {}) if preset else {**adapter.defense_defaults.get(name, {}), **(options or {})}
+    return DEFENSES.get(name)(preset=preset, **merged)
+
+
 def run_defense(adapter: Modality, model: nn.Module, clean: Any, name: str, options: Optional[Dict[str, Any]],
                 ctx: DefenseContext, preset: Optional[str] = None) -> Tuple[DefenseResult, float]:
-    options = dict(options or {})
-    if not preset:
-        options = {**(getattr(adapter, "defense_defaults", {}) or {}).get(name, {}), **options}
-    defense = DEFENSES.get(name)(preset=preset, **options)
+    defense = make_defense(adapter, name, options, preset)
     seed_everything(ctx.seed)
     t0 = time.perf_counter()
     result = defense.run(copy.deepcopy(model), adapter, clean, ctx)

@@ -16,8 +16,8 @@ import torch
 
 from core.cli import add_config_args, config_from, print_table, run_main
 from core.config import deep_merge
-from core.nft import NFT, trace_nft
-from core.pipeline import attack_from_run, load_bundle, load_run_model
+from core.nft import trace_nft
+from core.pipeline import attack_from_run, load_bundle, load_run_model, make_defense
 from core.plots import plot_trace
 from core.rundir import RunDir, write_csv
 from core.utils import pick_device, seed_everything
@@ -51,7 +51,7 @@ def main() -> None:
         idx = torch.arange(0, len(test), len(test) // args.test_subset)[:args.test_subset]  # every k-th
         test = test.select(idx) if hasattr(test, "select") else torch.utils.data.Subset(test, idx.tolist())
     options = ((cfg.get("defense") or {}).get("options")) or {}
-    nft_cfg = NFT(preset=args.preset, **options).cfg
+    nft_cfg = make_defense(adapter, "nft", options, args.preset).cfg  # with the modality's NFT defaults
     device = pick_device(args.device or cfg.get("device"))
     seed_everything(args.seed)
     rows = trace_nft(model, adapter, clean, nft_cfg, lambda m: adapter.evaluate(m, test, attack, device=device),

@@ -192,6 +192,10 @@ def test_modality_defense_defaults_sit_under_user_options_and_not_under_presets(
     res, _ = run_defense(adapter, copy.deepcopy(small_model), clean, "nft", {"steps": 2, "batch_size": 8}, ctx,
                          preset="official")
     assert res.info["config"]["eta"] == OFFICIAL["eta"]
+    from core.pipeline import make_defense
+
+    # The trace tool and the step-time benchmark build NFT through the same merge.
+    assert make_defense(adapter, "nft").cfg["eta"] == 0.5 and make_defense(adapter, "nft", preset="official").cfg["eta"] == 1e-3
     from modalities import get_modality
 
     assert get_modality("video").defense_defaults["nft"] == {"adv_shared_dims": [1], "mask_beta": True,
