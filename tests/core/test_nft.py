@@ -199,7 +199,7 @@ def test_modality_defense_defaults_sit_under_user_options_and_not_under_presets(
     from modalities import get_modality
 
     assert get_modality("video").defense_defaults["nft"] == {"adv_shared_dims": [1], "mask_beta": True,
-                                                             "mask_model_excluded": True}
+                                                             "mask_model_excluded": True, "adv_init": "targeted"}
 
 
 def test_adv_shared_dims_shares_one_perturbation_value_along_those_dims(digits, image_adapter, small_model):
@@ -239,3 +239,52 @@ def test_adv_count_gives_each_perturbation_its_own_slice_of_the_perturbed_share(
     with pytest.raises(ValueError, match="adv_count must be >= 1"):
         MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(DEFAULTS, adv_count=0), x, 2,
                     torch.device("cpu"), torch.Generator())
+
+
+class _PlantedBackdoor(torch.nn.Module):
+    """A classifier with a planted pathway: the bottom-right 2x2 corner drives class 3."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return out + 60.0 * x[:, :, -2:, -2:].mean(dim=(1, 2, 3))[:, None] * torch.nn.functional.one_hot(
+            torch.tensor(3), out.shape[1]).to(out)
+
+
+def test_targeted_search_ranks_the_planted_target_first_and_leaves_the_model_as_it_was(digits, image_adapter,
+                                                                                       small_model):
+    from core.nft import targeted_perturbation_search
+
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    model = _PlantedBackdoor(small_model).train()
+    runs = []
+    for _ in range(2):
+        runs.append(targeted_perturbation_search(model, image_adapter, clean, (1, 8, 8), 0.5, "linf", 10, 32,
+                                                 torch.device("cpu"), torch.Generator().manual_seed(0)))
+    found = runs[0]
+    assert [r["class"] for r in found][0] == 3 and found[0]["reach"] >= 95, found[:2]
+    assert len(found) == 10 and all(a["loss"] <= b["loss"] for a, b in zip(found, found[1:]))
+    assert float(found[0]["delta"].abs().max()) <= 0.5 + 1e-6
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(found[0]["delta"], runs[1][0]["delta"])  # seeded
+
+
+def test_nft_targeted_init_reports_the_suspects_and_refuses_unknown_inits(digits, image_adapter, small_model):
+    import pytest
+
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    ctx = DefenseContext(clean_per_class=5, show_progress=False)
+    opts = {"steps": 2, "recover_steps": 0, "batch_size": 16, "adv_init": "targeted", "adv_init_steps": 5,
+            "adv_count": 2, "adv_init_top": 1}
+    res = NFT(**opts).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
+    suspects = res.info["suspected_targets"]
+    assert suspects[0]["class"] == 3 and set(suspects[0]) == {"class", "loss", "reach", "targeted_start"}
+    assert suspects[0]["targeted_start"] and set(suspects[1]) == {"class", "loss", "reach"}
+    # No class stands out by a factor of 1e12: every perturbation starts random.
+    res = NFT(**{**opts, "adv_init_margin": 1e12}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
+    assert not res.info["suspected_targets"][0]["targeted_start"]
+    with pytest.raises(ValueError, match="adv_init must be 'random' or 'targeted'"):
+        NFT(**{**opts, "adv_init": "planted"}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
