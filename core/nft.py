@@ -325,6 +325,8 @@ class MaskTrainer:
         if mode not in (False, None, "frozen", "live"):
             raise ValueError(f"nft.recover_adv must be false, 'frozen' or 'live', got {mode!r}")
         self.recover_adv = mode or False
+        # Classes ranked by a targeted search (adv_init: targeted), easiest first; see start_perturbations.
+        self.suspects: List[Dict[str, Any]] = []
         model.train(cfg["bn_mode"] == "train")
 
     @property
@@ -413,7 +415,31 @@ def start_mask_training(model: nn.Module, adapter: Modality, clean: Dataset, cfg
     probe = adapter.to_device(next(iter(adapter.loader(clean, min(bs, 8))))[0], device)
     trainer = MaskTrainer(model, adapter, cfg, probe, clean_per_class, device, g,
                           channels_last=channels_last, use_autocast=use_autocast)
+    start_perturbations(trainer, clean, device)
     return trainer, loader
+
+
+def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.device) -> None:
+    """With ``adv_init: targeted``, start the perturbations from the easiest classes' targeted ones.
+
+    The ranking (class, loss, reach; easiest first) is kept in ``trainer.suspects``.
+    """
+    c = trainer.cfg
+    if c["adv_init"] not in ("random", "targeted"):
+        raise ValueError(f"nft.adv_init must be 'random' or 'targeted', got {c['adv_init']!r}")
+    if not trainer.uaps or c["adv_init"] != "targeted":
+        return
+    u0 = trainer.uaps[0]
+    was = trainer.model.training
+    found = targeted_perturbation_search(trainer.model, trainer.adapter, clean, u0.shape, u0.eps, u0.norm,
+                                         int(c["adv_init_steps"]), int(c["adv_init_samples"]), device, trainer.g)
+    trainer.model.train(was)
+    outlier = len(found) < 2 or found[1]["loss"] >= float(c["adv_init_margin"]) * found[0]["loss"]
+    if outlier:
+        for u, rec in zip(trainer.uaps[:max(int(c["adv_init_top"]), 0)], found):
+            u.delta = rec["delta"].clone().requires_grad_(True)
+    trainer.suspects = [{k: v for k, v in r.items() if k != "delta"} for r in found]
+    trainer.suspects[0]["targeted_start"] = bool(outlier)
 
 
 @DEFENSES.register("nft")
@@ -430,22 +456,6 @@ class NFT(Defense):
         trainer, loader = start_mask_training(model.to(ctx.device), adapter, clean, c, ctx.clean_per_class,
                                               ctx.device, ctx.seed, ctx.channels_last, ctx.autocast)
         masks = trainer.masks
-        suspects: List[Dict[str, Any]] = []
-        if trainer.uaps and c["adv_init"] == "targeted":
-            u0 = trainer.uaps[0]
-            found = targeted_perturbation_search(model, adapter, clean, u0.shape, u0.eps, u0.norm,
-                                                 int(c["adv_init_steps"]), int(c["adv_init_samples"]),
-                                                 ctx.device, trainer.g)
-            margin = float(c["adv_init_margin"])
-            outlier = len(found) < 2 or found[1]["loss"] >= margin * found[0]["loss"]
-            if outlier:
-                for u, rec in zip(trainer.uaps[:max(int(c["adv_init_top"]), 0)], found):
-                    u.delta = rec["delta"].clone().requires_grad_(True)
-            suspects = [{k: v for k, v in r.items() if k != "delta"} for r in found]
-            suspects[0]["targeted_start"] = bool(outlier)
-        elif c["adv_init"] not in ("random", "targeted"):
-            raise ValueError(f"nft.adv_init must be 'random' or 'targeted', got {c['adv_init']!r}")
-
         main_steps = int(c["steps"])
         target_acc = None
         if (int(c["recover_steps"]) > 0 and float(c["recover_tolerance"]) >= 0
@@ -486,7 +496,7 @@ class NFT(Defense):
         return DefenseResult(model=model, log=log, extras={"masks": mask_values},
                              info={"config": dict(c), "units": trainer.units, "lower_bounds": trainer.lower,
                                    "num_masks": int(sum(v.numel() for v in mask_values.values())),
-                                   **({"suspected_targets": suspects[:3]} if suspects else {})})
+                                   **({"suspected_targets": trainer.suspects[:3]} if trainer.suspects else {})})
 
 
 def trace_nft(model: nn.Module, adapter: Modality, clean: Dataset, cfg: Dict[str, Any],
