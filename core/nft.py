@@ -430,10 +430,8 @@ def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.de
     if not trainer.uaps or c["adv_init"] != "targeted":
         return
     u0 = trainer.uaps[0]
-    was = trainer.model.training
     found = targeted_perturbation_search(trainer.model, trainer.adapter, clean, u0.shape, u0.eps, u0.norm,
                                          int(c["adv_init_steps"]), int(c["adv_init_samples"]), device, trainer.g)
-    trainer.model.train(was)
     outlier = len(found) < 2 or found[1]["loss"] >= float(c["adv_init_margin"]) * found[0]["loss"]
     if outlier:
         for u, rec in zip(trainer.uaps[:max(int(c["adv_init_top"]), 0)], found):
