@@ -55,7 +55,7 @@ def test_step_time_ratio_is_measured(digits, image_adapter, small_model):
 def test_shipped_grid_file_expands():
     grid = yaml.safe_load(open("configs/benchmarks/image_fashionmnist.yaml"))
     cells = expand_grid(grid)
-    assert len(cells) == 2 * (2 + 2 + 1)
+    assert len(cells) == 2 * (2 + 2 + 2 + 1)  # nft, ft, nft[generic] at 60 and 1 per class; official at 60
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs/benchmarks").glob("*.yaml")))

@@ -1,3 +1,5 @@
+import copy
+
 import torch
 
 from core.defenses.base import DefenseContext
@@ -288,3 +290,86 @@ def test_nft_targeted_init_reports_the_suspects_and_refuses_unknown_inits(digits
     assert not res.info["suspected_targets"][0]["targeted_start"]
     with pytest.raises(ValueError, match="adv_init must be 'random' or 'targeted'"):
         NFT(**{**opts, "adv_init": "planted"}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
+
+
+def test_shift_recalibration_keeps_the_trained_statistics_and_adds_only_the_change(digits, image_adapter, small_model):
+    from core.nft import norm_reference, recalibrate_norm_stats
+
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    cpu = torch.device("cpu")
+    # Running statistics near but not equal to the split's, as those of a model trained on more data.
+    ref = norm_reference(small_model, image_adapter, clean, cpu)
+    with torch.no_grad():
+        for name in ("bn1", "bn2", "bn3"):
+            bn, r = getattr(small_model, name), ref[name]
+            bn.running_mean.copy_(r["clean_mean"] + 0.3 * r["clean_var"].sqrt() * torch.randn_like(r["clean_mean"]).clamp(-1, 1))
+            bn.running_var.copy_(r["clean_var"] * torch.empty_like(r["clean_var"]).uniform_(0.7, 1.4))
+    own = {k: v.clone() for k, v in small_model.state_dict().items() if "running" in k}
+    ref = norm_reference(small_model, image_adapter, clean, cpu)
+    assert all(torch.equal(v, small_model.state_dict()[k]) for k, v in own.items())  # the model is untouched
+    # Nothing changed: "shift" gives back the model's own statistics; a full recalibration does not.
+    model = copy.deepcopy(small_model)
+    recalibrate_norm_stats(model, image_adapter, clean, cpu, reference=ref)
+    assert all(torch.allclose(model.state_dict()[k], v, atol=1e-5) for k, v in own.items())
+    full = copy.deepcopy(small_model)
+    recalibrate_norm_stats(full, image_adapter, clean, cpu)
+    assert not torch.allclose(full.bn1.running_mean, own["bn1.running_mean"], atol=1e-3)
+    # A channel whose own statistics are far from the split's (fitted on other data) keeps the split's.
+    odd = copy.deepcopy(small_model)
+    with torch.no_grad():
+        odd.bn2.running_mean[0] += 5 * float(ref["bn2"]["clean_var"][0].sqrt()) + 1
+    odd_ref = norm_reference(odd, image_adapter, clean, cpu)
+    recalibrate_norm_stats(odd, image_adapter, clean, cpu, reference=odd_ref)
+    assert torch.allclose(odd.bn2.running_mean[0], full.bn2.running_mean[0], atol=1e-5)
+    assert torch.allclose(odd.bn2.running_mean[1:], own["bn2.running_mean"][1:], atol=1e-5)
+    # Doubling conv1 doubles bn1's input: its mean moves by the split's mean, its variance scales by 4.
+    with torch.no_grad():
+        model.conv1.weight.mul_(2.0)
+    recalibrate_norm_stats(model, image_adapter, clean, cpu, reference=ref)
+    r = ref["bn1"]
+    assert torch.allclose(model.bn1.running_mean, own["bn1.running_mean"] + r["clean_mean"], atol=1e-4)
+    eps = model.bn1.eps
+    want = (own["bn1.running_var"] + eps) * (4 * r["clean_var"] + eps) / (r["clean_var"] + eps) - eps
+    assert torch.allclose(model.bn1.running_var, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bn_recalibrate_refuses_an_unknown_mode(digits, image_adapter, small_model):
+    import pytest
+
+    clean, _ = image_adapter.clean_split(digits, 2, 0)
+    with pytest.raises(ValueError, match="bn_recalibrate"):
+        NFT(steps=1, recover_steps=0, bn_recalibrate="half").run(
+            small_model, image_adapter, clean, DefenseContext(clean_per_class=2, show_progress=False))
+
+
+def test_recover_mixup_frac_mixes_only_that_share_of_a_recovery_batch(image_adapter, small_model):
+    import pytest
+
+    from core.nft import DEFAULTS, MaskTrainer
+
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 4
+
+    def recovery_loss(**opts):
+        cfg = dict(DEFAULTS, steps=0, augment="weak", recover_augment="weak", **opts)
+        trainer = MaskTrainer(copy.deepcopy(small_model), image_adapter, cfg, x[:2], 2, torch.device("cpu"),
+                              torch.Generator().manual_seed(0))
+        return float(trainer.step(x, y, 0)["loss"])   # step 0 >= steps: a recovery step
+
+    plain = recovery_loss(recover_mixup=False)
+    assert recovery_loss(recover_mixup=True, recover_mixup_frac=0.0) == pytest.approx(plain)  # nothing mixed
+    whole, half = recovery_loss(recover_mixup=True), recovery_loss(recover_mixup=True, recover_mixup_frac=0.5)
+    assert half != pytest.approx(plain) and half != pytest.approx(whole)
+    with pytest.raises(ValueError, match="recover_mixup_frac"):
+        recovery_loss(recover_mixup=True, recover_mixup_frac=1.5)
+
+
+def test_image_modality_ships_its_measured_nft_settings(image_adapter):
+    from core.nft import DEFAULTS, NFT
+    from core.pipeline import make_defense
+
+    assert image_adapter.defense_defaults["nft"] == {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5}
+    cfg = make_defense(image_adapter, "nft").cfg
+    assert cfg["bn_recalibrate"] == "shift" and cfg["recover_mixup_frac"] == 0.5
+    # The core default alone (what image NFT ran before these settings) stays reachable by name.
+    generic = {k: v for k, v in make_defense(image_adapter, "nft", preset="generic").cfg.items() if k != "preset"}
+    assert generic == {k: v for k, v in NFT().cfg.items() if k != "preset"} == dict(DEFAULTS)
