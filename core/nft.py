@@ -446,11 +446,9 @@ class MaskTrainer:
         k = len(y)
         if c.get("recover_mixup") and alpha > 0:
             k = int(round(float(c["recover_mixup_frac"]) * len(y)))
-            if k >= len(y):
-                x, ya, yb, lam = mixup_batch(x, y, self.mix, alpha, self.g)
-            elif k > 0:
+            if k > 0:
                 xm, ya, yb, lam = mixup_batch(x[:k], y[:k], self.mix, alpha, self.g)
-                x = torch.cat([xm, x[k:]])
+                x = xm if k == len(y) else torch.cat([xm, x[k:]])
         x = to_memory_format(self.model, x, self.channels_last)
         with autocast(self.device, self.use_autocast):
             out = self.adapter.forward(self.model, x)
