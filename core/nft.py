@@ -84,6 +84,9 @@ OFFICIAL: Dict[str, Any] = {
     # Units that carry the clean task get their gradient back; units that serve only the trigger get
     # none from clean data (the reason plain NFT cannot find them), so they stay where phase one put them.
     "recover_steps": 0, "recover_lr": 0.01, "recover_augment": "weak",
+    # Recovery learning rate over its steps: "constant", or "cosine" from recover_lr down to 0 at the
+    # last recovery step (annealing: the masks settle instead of ending on a noisy step).
+    "recover_lr_schedule": "constant",
     # During recovery keep showing the universal perturbation: False (no), "frozen" (the last one, fixed)
     # or "live" (it keeps ascending, so a trigger the recovery re-opens is found again).
     "recover_adv": False,
@@ -134,6 +137,17 @@ def lr_at(step: int, cfg: Dict[str, Any]) -> float:
     else:
         raise ValueError(f"unknown lr_schedule '{kind}' (cosine, cosine_per_pass, constant)")
     return lo + (lr - lo) * 0.5 * (1.0 + math.cos(math.pi * t / T))
+
+
+def recover_lr_at(step: int, cfg: Dict[str, Any]) -> float:
+    """Learning rate before recovery step ``step`` (0-based): constant, or cosine from recover_lr to 0."""
+    lr, kind = float(cfg["recover_lr"]), cfg.get("recover_lr_schedule", "constant")
+    if kind == "constant":
+        return lr
+    if kind == "cosine":
+        total = max(int(cfg["recover_steps"]), 1)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    raise ValueError(f"nft.recover_lr_schedule must be 'constant' or 'cosine', got {kind!r}")
 
 
 def _batch_norms(model: nn.Module) -> Dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -375,6 +389,7 @@ class MaskTrainer:
                 raise ValueError(f"nft.adv_count must be >= 1, got {count}")
             self.uaps = [UniversalPerturbation(tuple(shape), float(cfg["adv_eps"]), float(cfg["adv_lr"]),
                                                cfg["adv_norm"], device, generator) for _ in range(count)]
+        recover_lr_at(0, cfg)   # an unknown recovery schedule fails here, not after the main phase
         if not 0.0 <= float(cfg["recover_mixup_frac"]) <= 1.0:
             raise ValueError(f"nft.recover_mixup_frac must be in [0, 1], got {cfg['recover_mixup_frac']}")
         mode = "frozen" if cfg["recover_adv"] is True else cfg["recover_adv"]
@@ -394,7 +409,7 @@ class MaskTrainer:
         c, adapter, g = self.cfg, self.adapter, self.g
         recovering = step >= int(c["steps"])
         for group in self.opt.param_groups:
-            group["lr"] = float(c["recover_lr"]) if recovering else lr_at(step, c)
+            group["lr"] = recover_lr_at(step - int(c["steps"]), c) if recovering else lr_at(step, c)
         if recovering:
             return self._recovery_step(x, y)
         x = adapter.augment(x, c["augment"], g)

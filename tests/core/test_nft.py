@@ -373,3 +373,23 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
     # The core default alone (what image NFT ran before these settings) stays reachable by name.
     generic = {k: v for k, v in make_defense(image_adapter, "nft", preset="generic").cfg.items() if k != "preset"}
     assert generic == {k: v for k, v in NFT().cfg.items() if k != "preset"} == dict(DEFAULTS)
+
+
+def test_recovery_lr_is_constant_or_anneals_to_zero_and_an_unknown_schedule_fails_early(image_adapter, small_model):
+    import pytest
+
+    from core.nft import DEFAULTS, MaskTrainer, recover_lr_at
+
+    cfg = dict(DEFAULTS, recover_steps=100, recover_lr=0.02)
+    assert [recover_lr_at(s, cfg) for s in (0, 50, 99)] == [0.02] * 3
+    cos = dict(cfg, recover_lr_schedule="cosine")
+    assert recover_lr_at(0, cos) == 0.02 and recover_lr_at(50, cos) == pytest.approx(0.01)
+    assert recover_lr_at(100, cos) == pytest.approx(0.0, abs=1e-12) and recover_lr_at(200, cos) == pytest.approx(0.0, abs=1e-12)
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 4
+    trainer = MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(cos, steps=2), x[:2], 2,
+                          torch.device("cpu"), torch.Generator().manual_seed(0))
+    trainer.step(x, y, 2 + 50)   # a recovery step sets the annealed rate
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="recover_lr_schedule"):
+        MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(cfg, recover_lr_schedule="step"), x[:2], 2,
+                    torch.device("cpu"), torch.Generator().manual_seed(0))

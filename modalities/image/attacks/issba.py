@@ -3,9 +3,13 @@
 A StegaStamp-style encoder/decoder pair is trained by the toolkit on the attacker's data:
 the encoder takes an image and a bit string and outputs a bounded residual
 (``max_residual * tanh``); the decoder must recover the bits from the encoded image. Losses:
-bit BCE + ``lambda_img`` * residual L2 (the paper's LPIPS and critic terms are left out:
-no pretrained perceptual network is available offline; the L2 term and the tanh bound keep
-the residual small). The attack then encodes one fixed secret (from the seed) into every
+bit BCE + ``lambda_img`` * residual L2 (the paper's LPIPS and critic terms are left out: no
+pretrained perceptual network is available offline; the L2 term and the tanh bound keep the
+residual small). The L2 weight ramps up from zero over the first ``lambda_ramp`` share of the
+fit, as StegaStamp's does: at full weight from the first step the Fashion-MNIST encoder collapsed
+to a zero residual before the decoder could read anything (bit accuracy 0.59, residual RMS 0.0006,
+victim ASR 2.3%); with the ramp and 1,500 steps it reaches bit accuracy 0.99 at RMS 0.044.
+The attack then encodes one fixed secret (from the seed) into every
 poisoned image: the residual differs per image, but carries the same code.
 
 The secret is broadcast to any image size by a linear map to a coarse grid that is
@@ -60,12 +64,15 @@ class ISSBA(Attack):
     name = "issba"
 
     def __init__(self, secret_bits: int = 32, max_residual: float = 0.1, lambda_img: float = 10.0,
-                 fit_steps: int = 600, batch_size: int = 32, lr: float = 3e-3, width: int = 16,
-                 fit_max_samples: Optional[int] = 20000, **kw: Any) -> None:
+                 fit_steps: int = 1500, batch_size: int = 32, lr: float = 3e-3, width: int = 16,
+                 fit_max_samples: Optional[int] = 20000, lambda_ramp: float = 0.5, **kw: Any) -> None:
         super().__init__(secret_bits=secret_bits, max_residual=max_residual, lambda_img=lambda_img, fit_steps=fit_steps,
-                         batch_size=batch_size, lr=lr, width=width, fit_max_samples=fit_max_samples, **kw)
-        if int(secret_bits) < 1 or not 0 < max_residual <= 1 or lambda_img < 0:
-            raise ValueError("issba needs secret_bits >= 1, max_residual in (0, 1] and lambda_img >= 0")
+                         batch_size=batch_size, lr=lr, width=width, fit_max_samples=fit_max_samples,
+                         lambda_ramp=lambda_ramp, **kw)
+        if int(secret_bits) < 1 or not 0 < max_residual <= 1 or lambda_img < 0 or not 0 <= lambda_ramp <= 1:
+            raise ValueError("issba needs secret_bits >= 1, max_residual in (0, 1], lambda_img >= 0 and "
+                             "lambda_ramp in [0, 1]")
+        self.lambda_ramp = float(lambda_ramp)
         self.secret_bits, self.max_residual, self.lambda_img = int(secret_bits), float(max_residual), float(lambda_img)
         self.fit_steps, self.batch_size, self.lr, self.width = int(fit_steps), int(batch_size), float(lr), int(width)
         self.fit_max_samples = fit_max_samples
@@ -84,6 +91,12 @@ class ISSBA(Attack):
     def residual(self, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         return self.max_residual * torch.tanh(self.encoder(x, bits))
 
+    def image_loss_weight(self, step: int) -> float:
+        """The residual-L2 weight at fit step ``step``: linear from 0 to lambda_img over the ramp, then constant."""
+        if self.lambda_ramp <= 0:
+            return self.lambda_img
+        return self.lambda_img * min(1.0, step / max(self.lambda_ramp * self.fit_steps, 1.0))
+
     def fit(self, bundle: DataBundle, adapter: Modality, device: torch.device) -> None:
         """Train the encoder/decoder on random secrets (so the code generalises to the attack's secret)."""
         c, _, _ = image_shape(bundle)
@@ -92,12 +105,12 @@ class ISSBA(Attack):
         enc, dec = self.encoder.to(device).train(), self.decoder.to(device).train()
         opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=self.lr)
         g = generator(self.seed, 904)
-        for x, _ in batches(adapter, data, self.batch_size, self.fit_steps, self.seed, 905):
+        for step, (x, _) in enumerate(batches(adapter, data, self.batch_size, self.fit_steps, self.seed, 905)):
             x = x.to(device)
             bits = torch.randint(0, 2, (len(x), self.secret_bits), generator=g).float().to(device)
             r = self.residual(x, bits)
             logits = dec((x + r).clamp(0, 1))
-            loss = F.binary_cross_entropy_with_logits(logits, bits) + self.lambda_img * r.pow(2).mean()
+            loss = F.binary_cross_entropy_with_logits(logits, bits) + self.image_loss_weight(step) * r.pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

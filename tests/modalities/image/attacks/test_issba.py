@@ -51,3 +51,14 @@ def test_any_size_and_roundtrip(tmp_path, fitted) -> None:
 def test_pipeline_smoke(tmp_path, digits) -> None:  # noqa: F811
     run, atk = check_pipeline("issba", tmp_path, {"rate": 0.1, **{**TINY, "fit_steps": 5}}, bundle=digits)
     assert atk.secret.numel() == 8 and run.info()["n_poisoned"] > 0
+
+
+def test_residual_weight_ramps_up_from_zero() -> None:
+    # At full weight from the first step the Fashion-MNIST encoder collapsed to a zero residual
+    # (bit accuracy 0.59); StegaStamp ramps the image loss in, and so does the fit here.
+    atk = build("issba", lambda_img=10.0, fit_steps=100, lambda_ramp=0.5)
+    weights = [atk.image_loss_weight(s) for s in (0, 25, 50, 99)]
+    assert weights == pytest.approx([0.0, 5.0, 10.0, 10.0])
+    assert build("issba", lambda_img=10.0, lambda_ramp=0).image_loss_weight(0) == 10.0
+    with pytest.raises(ValueError, match="lambda_ramp"):
+        build("issba", lambda_ramp=1.5)
