@@ -118,9 +118,12 @@ def prepare_victims(grid: Dict[str, Any], get_adapter: Callable[[str], Modality]
     """Train (or load from the cache) every victim of the grid, once each; one row per victim.
 
     A victim's ACC/ASR/RA are those measured when it was trained (``metrics.json``); a clean
-    model (attack ``none``) has ACC only. Rows go to ``out_csv`` after each victim.
+    model (attack ``none``) has ACC only. Rows go to ``out_csv`` after each victim, merged with the
+    rows already there (several grids share one victims file): a row of the same dataset, model,
+    attack label and seed is replaced, every other row is kept.
     """
     rows: List[Dict[str, Any]] = []
+    kept = read_rows(out_csv) if out_csv else []
     seen = set()
     for cell in expand_grid(grid):
         cfg = cell_config(cell, overrides)
@@ -143,8 +146,13 @@ def prepare_victims(grid: Dict[str, Any], get_adapter: Callable[[str], Modality]
         echo(f"  ACC {row['acc']:.2f}" + (f"  ASR {row['asr']:.2f}" if row["asr"] != "" else ""))
         rows.append(row)
         if out_csv:
-            write_csv(out_csv, rows, VICTIM_COLUMNS)
+            mine = {_victim_key(r) for r in rows}
+            write_csv(out_csv, [r for r in kept if _victim_key(r) not in mine] + rows, VICTIM_COLUMNS)
     return rows
+
+
+def _victim_key(r: Dict[str, Any]) -> tuple:
+    return tuple(str(r[k]) for k in ("dataset", "model", "attack", "seed"))
 
 
 def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, out_csv: str | Path,
@@ -164,6 +172,8 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
                    "defense": label, "clean_per_class": cell["clean_per_class"], "seed": cell["seed"]}
         if _key(row_key) in done:
             continue
+        if (cfg.get("attack") or {}).get("name", "none") == "none":
+            continue  # a clean reference model: --victims-only trains it; there is no backdoor to remove
         adapter = get_adapter(cfg.get("modality", "image"))
         cfg = without_labels(cfg)
         if cached_only and cached_victim(cfg, victims_root) is None:

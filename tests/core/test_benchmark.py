@@ -85,6 +85,11 @@ def test_prepare_victims_trains_each_victim_once_and_reuses_the_cache(tmp_path):
     assert len(read_rows(tmp_path / "v.csv")) == 2 and len(list((tmp_path / "victims").iterdir())) == 2
     again = prepare_victims(grid, get_modality, victims_root=tmp_path / "victims", show_progress=False, echo=lambda _: None)
     assert [r["victim"] for r in again] == [r["victim"] for r in rows]
+    # a second grid writing the same victims file keeps the other grid's rows and replaces its own
+    other = {**grid, "grid": {**grid["grid"], "attack": [{"name": "none"}]}}
+    prepare_victims(other, get_modality, out_csv=tmp_path / "v.csv", victims_root=tmp_path / "victims",
+                    show_progress=False, echo=lambda _: None)
+    assert [r["attack"] for r in read_rows(tmp_path / "v.csv")] == ["badnets", "none"]
 
 
 def test_attack_entry_may_name_its_architecture():
@@ -106,8 +111,9 @@ def test_shipped_attack_grid_covers_every_registered_image_attack():
 
 
 def test_cached_only_skips_cells_without_a_trained_victim(tmp_path):
+    # "none" (a clean reference model) is a victims-only entry: no defense cell runs on it
     grid = {"base": "configs/image/digits_badnets.yaml",
-            "grid": {"attack": [{"name": "badnets", "patch_size": 2}, {"name": "blend"}],
+            "grid": {"attack": [{"name": "badnets", "patch_size": 2}, {"name": "blend"}, {"name": "none"}],
                      "defense": [{"name": "ft", "options": {"steps": 5}}], "clean_per_class": [5]}}
     one = {**grid, "grid": {**grid["grid"], "attack": grid["grid"]["attack"][:1]}}
     prepare_victims(one, get_modality, victims_root=tmp_path / "v", show_progress=False, echo=lambda _: None)

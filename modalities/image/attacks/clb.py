@@ -1,12 +1,22 @@
 """Label-consistent backdoor (CLB; Turner, Tsipras & Madry 2019).
 
 Clean-label: only target-class training images are poisoned and their labels kept. Each is
-first made hard to classify by an untargeted L-inf PGD attack on a clean reference model
-(trained by ``fit`` on the attacker's data, or handed in with ``use_reference_model``), then
-stamped with a checkerboard patch at all four corners (which survives flips). With the
-natural features ruined, the network leans on the patch. At test time only the patch is
-added. Defaults: PGD eps 16/255 (the paper's stronger setting), 10 steps of 2.5 eps / steps,
-3x3 corner patches at full amplitude.
+first made hard to classify by an untargeted L-inf PGD attack on a reference model (trained by
+``fit`` on the attacker's data, or handed in with ``use_reference_model``), then stamped with a
+checkerboard patch at all four corners (which survives flips). With the natural features
+ruined, the network leans on the patch. At test time only the patch is added. Defaults: PGD
+eps 16/255 (the paper's stronger setting), 10 steps of 2.5 eps / steps, 3x3 corner patches at
+full amplitude.
+
+The paper draws its perturbations from an adversarially trained (robust) model; here that is
+``ref_adv_steps > 0`` (Madry et al. PGD training of the reference at ``ref_adv_eps``, default the
+attack's eps). The default stays a standard reference (``ref_adv_steps: 0``) because on
+Fashion-MNIST the robust one made the attack weaker, not stronger (PreAct-ResNet18 width 1/4,
+4 epochs, rate 0.1 = every target-class image; victim ACC / ASR): standard reference 83.80 / 15.58,
+robust reference 83.70 / 5.22, robust at 16/255 with PGD at 32/255 83.34 / 1.47. The poisoned
+T-shirts still look like upper-body garments after the perturbation, so the victim learns the
+patch as what separates a T-shirt from a shirt or pullover (clean T-shirts without it are lost:
+the ACC drop), not as a trigger that overrides a trouser or a bag.
 
 The perturbations are computed once in ``fit`` for the poisoned training indices, stored
 as int8 multiples of 1/255 (as an attacker would store 8-bit images), and added by the
@@ -22,7 +32,8 @@ from torch import nn
 
 from core.adapter import Attack, DataBundle, Modality
 from . import ATTACKS
-from ._common import checkerboard, corner_region, load_all, train_reference_model
+from ._common import (batches, checkerboard, corner_region, generator, image_shape, load_all, seeded,
+                      train_reference_model)
 
 
 def pgd_untargeted(model: nn.Module, adapter: Modality, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
@@ -40,6 +51,34 @@ def pgd_untargeted(model: nn.Module, adapter: Modality, x: torch.Tensor, y: torc
     return delta.detach()
 
 
+def train_robust_reference(adapter: Modality, bundle: DataBundle, device: torch.device, *, arch: str, steps: int,
+                           eps: float, pgd_steps: int, seed: int, batch_size: int = 128, lr: float = 0.05) -> nn.Module:
+    """A reference classifier adversarially trained on the attacker's data (L-inf PGD at ``eps``, Madry et al.).
+
+    Each step trains on the PGD examples of its batch, found with the model in eval mode (so batch
+    statistics are not moved by the attack); SGD with momentum, cosine-decayed learning rate.
+    """
+    c, _, _ = image_shape(bundle)
+    kwargs = {"in_channels": c, **({"width": 16} if arch == "small_cnn" else {})}
+    with seeded(seed, 17):
+        model = adapter.build_model(arch, bundle.num_classes, **kwargs).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(steps)))
+    g = generator(seed, 506)
+    step_size = 2.5 * eps / max(1, int(pgd_steps))
+    for x, y in batches(adapter, bundle.train, batch_size, int(steps), seed, 507):
+        x, y = x.to(device), y.to(device)
+        model.eval().requires_grad_(False)
+        delta = pgd_untargeted(model, adapter, x, y, eps, pgd_steps, step_size, g)
+        model.train().requires_grad_(True)
+        loss = F.cross_entropy(adapter.forward(model, x + delta).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
 @ATTACKS.register("clb")
 class LabelConsistent(Attack):
     name = "clb"
@@ -48,11 +87,18 @@ class LabelConsistent(Attack):
 
     def __init__(self, patch_size: int = 3, amplitude: float = 1.0, pgd_eps: float = 16 / 255, pgd_steps: int = 10,
                  pgd_step_size: Optional[float] = None, ref_arch: str = "small_cnn", ref_steps: int = 300,
-                 **kw: Any) -> None:
+                 ref_adv_steps: int = 0, ref_adv_eps: Optional[float] = None, **kw: Any) -> None:
         super().__init__(patch_size=patch_size, amplitude=amplitude, pgd_eps=pgd_eps, pgd_steps=pgd_steps,
-                         pgd_step_size=pgd_step_size, ref_arch=ref_arch, ref_steps=ref_steps, **kw)
+                         pgd_step_size=pgd_step_size, ref_arch=ref_arch, ref_steps=ref_steps,
+                         ref_adv_steps=ref_adv_steps, ref_adv_eps=ref_adv_eps, **kw)
         if int(patch_size) < 1 or not 0 < amplitude <= 1 or not 0 <= pgd_eps <= 1 or int(pgd_steps) < 0:
             raise ValueError("clb needs patch_size >= 1, amplitude in (0, 1], pgd_eps in [0, 1] and pgd_steps >= 0")
+        if int(ref_adv_steps) < 0:
+            raise ValueError(f"clb ref_adv_steps (PGD steps of the reference's adversarial training) must be >= 0, "
+                             f"got {ref_adv_steps}")
+        self.ref_adv_steps = int(ref_adv_steps)
+        # the L-inf radius the reference is trained robust to (default: the attack's own eps)
+        self.ref_adv_eps = float(ref_adv_eps) if ref_adv_eps is not None else float(pgd_eps)
         self.patch_size, self.amplitude = int(patch_size), float(amplitude)
         self.pgd_eps, self.pgd_steps = float(pgd_eps), int(pgd_steps)
         self.pgd_step_size = float(pgd_step_size) if pgd_step_size is not None else 2.5 * self.pgd_eps / max(1, self.pgd_steps)
@@ -82,7 +128,10 @@ class LabelConsistent(Attack):
         labels = adapter.labels_of(bundle.train)
         idx = self.poison_indices(labels)
         model = self.reference_model
-        if model is None:
+        if model is None and self.ref_adv_steps > 0:
+            model = train_robust_reference(adapter, bundle, device, arch=self.ref_arch, steps=self.ref_steps,
+                                           eps=self.ref_adv_eps, pgd_steps=self.ref_adv_steps, seed=self.seed)
+        elif model is None:
             model = train_reference_model(adapter, bundle, device, arch=self.ref_arch, steps=self.ref_steps, seed=self.seed)
         model = model.to(device).eval()
         for p in model.parameters():

@@ -89,3 +89,26 @@ def test_three_channel_fit() -> None:
 def test_pipeline_smoke(tmp_path, digits) -> None:  # noqa: F811
     run, atk = check_pipeline("clb", tmp_path, {"rate": 0.1, **TINY}, bundle=digits)
     assert len(atk.indices) == run.info()["n_poisoned"] > 0
+
+
+def test_robust_reference_option(digits) -> None:  # noqa: F811
+    # The paper draws its perturbations from a robust model (an option here): the robust reference
+    # keeps more of its accuracy under the same PGD than a standard one trained for as many steps.
+    from modalities.image.attacks._common import train_reference_model
+    from modalities.image.attacks.clb import pgd_untargeted, train_robust_reference
+
+    assert build("clb").ref_adv_steps == 0 and build("clb", ref_adv_steps=5, ref_adv_eps=0.1).ref_adv_eps == 0.1
+    with pytest.raises(ValueError, match="ref_adv_steps"):
+        build("clb", ref_adv_steps=-1)
+    cpu, eps = torch.device("cpu"), 0.1
+    robust = train_robust_reference(ADAPTER, digits, cpu, arch="small_cnn", steps=80, eps=eps, pgd_steps=3, seed=0)
+    plain = train_reference_model(ADAPTER, digits, cpu, steps=80)
+    x, y = digits.test.images[:300].float() / 255, digits.test.targets[:300]
+
+    def adv_acc(m):
+        d = pgd_untargeted(m, ADAPTER, x, y, eps, 10, 2.5 * eps / 10, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            return float((m(x + d).argmax(1) == y).float().mean()), float((m(x).argmax(1) == y).float().mean())
+
+    (rob_adv, rob_clean), (plain_adv, plain_clean) = adv_acc(robust), adv_acc(plain)
+    assert rob_clean > 0.8 and rob_adv > plain_adv + 0.2
