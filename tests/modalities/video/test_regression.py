@@ -8,8 +8,10 @@ frame-shared perturbation started from the easiest class's targeted one, gamma a
 stem BN masked): ACC 89.7 / ASR 23.0, the backdoor target ranked first by the search (with a
 random start: 90.3 / 25.2; the image default: 88.7 / 80.7; four perturbations started from the
 four easiest classes: 91.0 / 5.6, not the default, README). The default purifies the
-benchmark's stronger patch victim (ASR 0.7-1.4% over three seeds) but not this small one, so the
-<= 10% target stays a strict xfail here, so that reaching it is noticed.
+benchmark's stronger patch victim (ASR 0.7-1.4% over three seeds); on this small one the <= 10%
+target is met or not by the CPU's float kernels (the numbers above are from a CPU without AVX512;
+an AVX512-BF16 CPU trains the victim to 88.3 / 94.8 and NFT takes it to 88.7 / 5.2), so that test is
+a non-strict xfail, and the >= 50-point drop is what is asserted.
 The full benchmark is `tools/benchmark.py --grid configs/benchmarks/video_embedded.yaml`.
 """
 from __future__ import annotations
@@ -82,8 +84,9 @@ def test_nft_video_default_removes_most_of_the_patch_backdoor_and_names_its_targ
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Issue 5 target (ASR <= 10%) not reached on this CI-sized "
-                                       "victim: the video default leaves ASR at 23% (measured)")
+@pytest.mark.xfail(strict=False, reason="Issue 5 target (ASR <= 10%) on this CI-sized victim depends on the "
+                                        "CPU's float kernels: 23% on a CPU without AVX512, 5.2% (victim 88.3 / 94.8, "
+                                        "ACC after 88.7) on an AVX512-BF16 one (measured); the drop test above holds on both")
 def test_nft_default_purifies_the_patch_backdoor(default_result):
     before, after = default_result
     assert after["asr"] <= 10 and after["acc"] >= before["acc"] - 3, (before, after)
