@@ -86,3 +86,9 @@ def test_bad_input_gives_one_line_error(tmp_path):
     assert proc.returncode == 2 and "unknown image attack 'nope'" in proc.stderr
     proc = tool("tools/purify.py", "--weights", str(tmp_path / "w.pth"), check=False)
     assert proc.returncode == 2 and "--arch" in proc.stderr
+
+
+def test_train_step_precision_benchmark_prints_both_times_and_the_ratio():
+    out = tool("benchmarks/train_step_precision.py", "--steps", "1").stdout
+    fp32, bf16, ratio = (float(out.split(key)[1].split()[0]) for key in ("fp32 ", "bf16 ", "bf16/fp32 "))
+    assert fp32 > 0 and bf16 > 0 and ratio == pytest.approx(bf16 / fp32, abs=0.02)
