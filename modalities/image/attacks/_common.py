@@ -90,16 +90,22 @@ def batches(adapter: Modality, dataset: Any, batch_size: int, steps: int, seed: 
             done += 1
 
 
+def build_reference_model(adapter: Modality, bundle: DataBundle, arch: str, seed: int,
+                          model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """The untrained reference classifier of :func:`train_reference_model` (seeded; small_cnn at width 16)."""
+    c, _, _ = image_shape(bundle)
+    kwargs = {"in_channels": c, **({"width": 16} if arch == "small_cnn" else {}), **(model_kwargs or {})}
+    with seeded(seed, 17):
+        return adapter.build_model(arch, bundle.num_classes, **kwargs)
+
+
 def train_reference_model(adapter: Modality, bundle: DataBundle, device: torch.device, *, arch: str = "small_cnn",
                           steps: int = 300, seed: int = 0, batch_size: int = 128, lr: float = 0.05,
                           model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """A clean classifier trained on the attacker's data (for TrojanNN's neurons, CLB's PGD, surrogates)."""
     from core.train import train_classifier
 
-    c, _, _ = image_shape(bundle)
-    kwargs = {"in_channels": c, **({"width": 16} if arch == "small_cnn" else {}), **(model_kwargs or {})}
-    with seeded(seed, 17):
-        model = adapter.build_model(arch, bundle.num_classes, **kwargs)
+    model = build_reference_model(adapter, bundle, arch, seed, model_kwargs)
     steps_per_epoch = max(1, math.ceil(len(bundle.train) / batch_size))
     cfg = {"epochs": max(1, math.ceil(steps / steps_per_epoch)), "max_steps": int(steps), "batch_size": batch_size,
            "lr": lr, "augment": "none"}

@@ -32,7 +32,7 @@ from torch import nn
 
 from core.adapter import Attack, DataBundle, Modality
 from . import ATTACKS
-from ._common import (batches, checkerboard, corner_region, generator, image_shape, load_all, seeded,
+from ._common import (batches, build_reference_model, checkerboard, corner_region, generator, load_all,
                       train_reference_model)
 
 
@@ -58,10 +58,7 @@ def train_robust_reference(adapter: Modality, bundle: DataBundle, device: torch.
     Each step trains on the PGD examples of its batch, found with the model in eval mode (so batch
     statistics are not moved by the attack); SGD with momentum, cosine-decayed learning rate.
     """
-    c, _, _ = image_shape(bundle)
-    kwargs = {"in_channels": c, **({"width": 16} if arch == "small_cnn" else {})}
-    with seeded(seed, 17):
-        model = adapter.build_model(arch, bundle.num_classes, **kwargs).to(device)
+    model = build_reference_model(adapter, bundle, arch, seed).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(steps)))
     g = generator(seed, 506)
