@@ -78,6 +78,10 @@ OFFICIAL: Dict[str, Any] = {
     # "full") replaces them by the split's; "shift" keeps the model's own and adds only the change the
     # masks made, measured on the split before and after (recalibrate_norm_stats); False keeps them.
     "bn_recalibrate": False,
+    # With "shift": reject the shift (keep the split's statistics) when the fully recalibrated model gets
+    # significantly more of the clean split right (one-sided exact sign test, p below this; 0 = never
+    # check). The per-channel rule alone passed a shift that took bppa@8ep from 89 to 65% (README).
+    "bn_shift_check": 0.01,
     # A learned logit temperature during mask training (not folded: argmax is unchanged).
     "learn_temperature": False,
     # Recovery phase: after the main steps, masks train on plain clean CE (no perturbation, no MixUp).
@@ -175,7 +179,8 @@ def norm_reference(model: nn.Module, adapter: Modality, data: Dataset, device: t
 @torch.no_grad()
 def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
                            batch_size: int = 256, channels_last: bool = False,
-                           reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> None:
+                           reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+                           shift_check_alpha: float = 0.0) -> Dict[str, Any]:
     """Replace BN running statistics by their plain average over ``data`` (clean, unaugmented).
 
     After training in train mode, the running statistics follow the mixed, augmented batches;
@@ -186,10 +191,17 @@ def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, d
     describe the clean split at all keep the split's (see below). A 600-image split estimates the
     statistics themselves less well than the training set did: full recalibration alone costs the
     untouched Fashion-MNIST BadNets victim 0.43 points of accuracy (90.94 -> 90.51).
+
+    ``shift_check_alpha`` > 0 checks the shift on ``data`` itself: if the fully recalibrated model
+    classifies significantly more of its samples correctly (one-sided exact sign test on the samples
+    only one of the two gets right, p < alpha), the shift is rejected and the split's statistics are
+    kept. Why: per channel the shift can look sound and still break the model (bppa@8ep, README: three
+    channels whose own variance was half the split's took ACC from 89 to 65). Returns what was done:
+    ``{"mode": "full" | "shift" | "shift rejected", "full_only": b, "shift_only": c, "p": p}``.
     """
     norms = _batch_norms(model)
     if not norms:
-        return
+        return {"mode": "none"}
     saved = [(m, m.momentum) for m in norms.values()]
     for m in norms.values():
         m.reset_running_stats()
@@ -202,7 +214,10 @@ def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, d
     for m, mom in saved:
         m.momentum = mom
     model.train(was)
-    for name, ref in (reference or {}).items():
+    if not reference:
+        return {"mode": "full"}
+    full_stats = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
+    for name, ref in reference.items():
         m = norms.get(name)
         if m is None or m.running_mean.shape != ref["running_mean"].shape:
             continue
@@ -221,27 +236,61 @@ def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, d
         shifted_var = ((own_var + eps) * ratio - eps).clamp_min(0.0)
         m.running_mean.copy_(torch.where(consistent, shifted_mean, m.running_mean))
         m.running_var.copy_(torch.where(consistent, shifted_var, m.running_var))
+    if shift_check_alpha <= 0:
+        return {"mode": "shift"}
+    shifted_stats = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
+    _load_norm_stats(norms, full_stats)
+    right_full = correct_predictions(model, adapter, data, device)
+    _load_norm_stats(norms, shifted_stats)
+    right_shift = correct_predictions(model, adapter, data, device)
+    full_only, shift_only = int((right_full & ~right_shift).sum()), int((right_shift & ~right_full).sum())
+    p = sign_test_p(full_only, shift_only)
+    rejected = p < float(shift_check_alpha)
+    if rejected:
+        _load_norm_stats(norms, full_stats)
+    return {"mode": "shift rejected" if rejected else "shift", "full_only": full_only, "shift_only": shift_only,
+            "p": p}
+
+
+def _load_norm_stats(norms: Dict[str, nn.modules.batchnorm._BatchNorm],
+                     stats: Dict[str, tuple]) -> None:
+    for n, (mean, var) in stats.items():
+        norms[n].running_mean.copy_(mean)
+        norms[n].running_var.copy_(var)
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided exact sign test: P(X >= wins) for X ~ Binomial(wins + losses, 1/2) (1.0 when no pairs)."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n if n else 1.0
+
+
+@torch.no_grad()
+def correct_predictions(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device) -> torch.Tensor:
+    """Per sample of ``data`` (as given, in order), whether the model in eval mode predicts its label."""
+    was = model.training
+    model.eval()
+    right = [torch.zeros(0, dtype=torch.bool)]
+    for batch in adapter.loader(data, 256):
+        x, y = adapter.to_device(batch[0], device), batch[1].to(device)
+        right.append((adapter.predict(model, x) == y).cpu())
+    model.train(was)
+    return torch.cat(right)
 
 
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
-                   recalibrate: bool = False, reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> float:
+                   recalibrate: bool = False, reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+                   shift_check_alpha: float = 0.0) -> float:
     """Accuracy (%) on ``data`` as given (no augmentation), in eval mode; optionally after BN recalibration.
 
     Recalibration works on a copy, so the model being trained keeps its running statistics.
     """
     if recalibrate:
         model = copy.deepcopy(model)
-        recalibrate_norm_stats(model, adapter, data, device, reference=reference)
-    was = model.training
-    model.eval()
-    hits, total = 0, 0
-    for batch in adapter.loader(data, 256):
-        x, y = adapter.to_device(batch[0], device), batch[1].to(device)
-        hits += int((adapter.predict(model, x) == y).sum())
-        total += len(y)
-    model.train(was)
-    return 100.0 * hits / max(total, 1)
+        recalibrate_norm_stats(model, adapter, data, device, reference=reference, shift_check_alpha=shift_check_alpha)
+    right = correct_predictions(model, adapter, data, device)
+    return 100.0 * int(right.sum()) / max(len(right), 1)
 
 
 class UniversalPerturbation:
@@ -560,7 +609,8 @@ class NFT(Defense):
             out = trainer.step(x, y, step)
             done_recovering = False
             if target_acc is not None and step >= main_steps and (step + 1 - main_steps) % int(c["recover_check_every"]) == 0:
-                acc = clean_accuracy(model, adapter, clean, ctx.device, recalibrate=True, reference=reference)
+                acc = clean_accuracy(model, adapter, clean, ctx.device, recalibrate=True, reference=reference,
+                                     shift_check_alpha=float(c["bn_shift_check"]))
                 model.train(c["bn_mode"] == "train")
                 log.append({"step": step + 1, "clean_split_acc": acc, "target_acc": target_acc})
                 done_recovering = acc >= target_acc
@@ -579,13 +629,15 @@ class NFT(Defense):
                 break
         mask_values = masks.state_dict()
         model = masks.fold()
+        recalibration = {"mode": "off"}
         if c["bn_recalibrate"]:
-            recalibrate_norm_stats(model, adapter, clean, ctx.device, channels_last=ctx.channels_last,
-                                   reference=reference)
+            recalibration = recalibrate_norm_stats(model, adapter, clean, ctx.device, channels_last=ctx.channels_last,
+                                                   reference=reference, shift_check_alpha=float(c["bn_shift_check"]))
         model.eval()
         return DefenseResult(model=model, log=log, extras={"masks": mask_values},
                              info={"config": dict(c), "units": trainer.units, "lower_bounds": trainer.lower,
                                    "num_masks": int(sum(v.numel() for v in mask_values.values())),
+                                   "bn_recalibration": recalibration,
                                    **({"suspected_targets": trainer.suspects[:3]} if trainer.suspects else {})})
 
 
@@ -613,7 +665,8 @@ def trace_nft(model: nn.Module, adapter: Modality, clean: Dataset, cfg: Dict[str
     def snapshot() -> Dict[str, Any]:
         ev = copy.deepcopy(model)
         if c["bn_recalibrate"]:
-            recalibrate_norm_stats(ev, adapter, clean, device, reference=reference)
+            recalibrate_norm_stats(ev, adapter, clean, device, reference=reference,
+                                   shift_check_alpha=float(c["bn_shift_check"]))
         ev.eval()
         row = {**evaluate(ev), "clean_split_acc": clean_accuracy(ev, adapter, clean, device), **trainer.masks.stats()}
         model.train(c["bn_mode"] == "train")

@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from core.defenses.base import DefenseContext
@@ -23,8 +24,6 @@ def test_cosine_per_pass_schedule():
 
 
 def test_unknown_option_is_refused():
-    import pytest
-
     with pytest.raises(KeyError, match="unknown nft option"):
         NFT(stepz=3)
 
@@ -94,8 +93,6 @@ def test_recovery_mixes_and_moves_a_live_perturbation_only_in_live_mode(digits, 
 
 
 def test_bad_recovery_mode_is_refused(digits, image_adapter, small_model):
-    import pytest
-
     with pytest.raises(ValueError, match="recover_adv must be"):
         _recovery_trainer(image_adapter, small_model, digits, recover_adv="sometimes")
 
@@ -137,8 +134,6 @@ def test_recovery_runs_to_the_end_when_the_split_is_too_small_to_measure(digits,
 
 
 def test_mask_exclude_leaves_named_units_unmasked_and_refuses_unknown_names(digits, image_adapter, small_model):
-    import pytest
-
     clean, _ = image_adapter.clean_split(digits, 2, 0)
     opts = {"steps": 2, "recover_steps": 0, "batch_size": 8}
     res = NFT(mask_exclude=["bn3"], **opts).run(small_model, image_adapter, clean,
@@ -151,8 +146,6 @@ def test_mask_exclude_leaves_named_units_unmasked_and_refuses_unknown_names(digi
 
 def test_mask_include_and_model_excluded_units_bring_back_what_the_model_leaves_out(digits, image_adapter, small_model):
     import copy
-
-    import pytest
 
     clean, _ = image_adapter.clean_split(digits, 2, 0)
     opts = {"steps": 2, "recover_steps": 0, "batch_size": 8}
@@ -169,8 +162,6 @@ def test_mask_include_and_model_excluded_units_bring_back_what_the_model_leaves_
 
 def test_mix_option_picks_a_mode_of_the_modality_and_refuses_unknown_ones(digits, image_adapter, small_model):
     import copy
-
-    import pytest
 
     clean, _ = image_adapter.clean_split(digits, 2, 0)
     opts = {"steps": 2, "recover_steps": 0, "batch_size": 8}
@@ -207,8 +198,6 @@ def test_modality_defense_defaults_sit_under_user_options_and_not_under_presets(
 def test_adv_shared_dims_shares_one_perturbation_value_along_those_dims(digits, image_adapter, small_model):
     import copy
 
-    import pytest
-
     from core.nft import DEFAULTS, MaskTrainer
 
     x = torch.rand(4, 1, 8, 8)
@@ -225,8 +214,6 @@ def test_adv_shared_dims_shares_one_perturbation_value_along_those_dims(digits, 
 
 def test_adv_count_gives_each_perturbation_its_own_slice_of_the_perturbed_share(image_adapter, small_model):
     import copy
-
-    import pytest
 
     from core.nft import DEFAULTS, MaskTrainer
 
@@ -275,8 +262,6 @@ def test_targeted_search_ranks_the_planted_target_first_and_leaves_the_model_as_
 
 
 def test_nft_targeted_init_reports_the_suspects_and_refuses_unknown_inits(digits, image_adapter, small_model):
-    import pytest
-
     clean, _ = image_adapter.clean_split(digits, 5, 0)
     ctx = DefenseContext(clean_per_class=5, show_progress=False)
     opts = {"steps": 2, "recover_steps": 0, "batch_size": 16, "adv_init": "targeted", "adv_init_steps": 5,
@@ -334,8 +319,6 @@ def test_shift_recalibration_keeps_the_trained_statistics_and_adds_only_the_chan
 
 
 def test_bn_recalibrate_refuses_an_unknown_mode(digits, image_adapter, small_model):
-    import pytest
-
     clean, _ = image_adapter.clean_split(digits, 2, 0)
     with pytest.raises(ValueError, match="bn_recalibrate"):
         NFT(steps=1, recover_steps=0, bn_recalibrate="half").run(
@@ -343,8 +326,6 @@ def test_bn_recalibrate_refuses_an_unknown_mode(digits, image_adapter, small_mod
 
 
 def test_recover_mixup_frac_mixes_only_that_share_of_a_recovery_batch(image_adapter, small_model):
-    import pytest
-
     from core.nft import DEFAULTS, MaskTrainer
 
     x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 4
@@ -376,8 +357,6 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
 
 
 def test_recovery_lr_is_constant_or_anneals_to_zero_and_an_unknown_schedule_fails_early(image_adapter, small_model):
-    import pytest
-
     from core.nft import DEFAULTS, MaskTrainer, recover_lr_at
 
     cfg = dict(DEFAULTS, recover_steps=100, recover_lr=0.02)
@@ -393,3 +372,44 @@ def test_recovery_lr_is_constant_or_anneals_to_zero_and_an_unknown_schedule_fail
     with pytest.raises(ValueError, match="recover_lr_schedule"):
         MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(cfg, recover_lr_schedule="step"), x[:2], 2,
                     torch.device("cpu"), torch.Generator().manual_seed(0))
+
+
+def test_sign_test_p_is_the_exact_binomial_tail():
+    from core.nft import sign_test_p
+
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(3, 0) == pytest.approx(1 / 8)
+    assert sign_test_p(7, 0) == pytest.approx(1 / 128)
+    assert sign_test_p(2, 2) == pytest.approx(11 / 16)  # P(X >= 2), X ~ Bin(4, 1/2)
+    assert sign_test_p(195, 9) < 1e-40  # bppa@8ep's split (README): far below any alpha
+
+
+def test_shift_that_breaks_the_model_on_the_split_is_rejected(digits, image_adapter):
+    """Per channel the shift can look sound (variance within 4x) and still break the model:
+    the clean-split sign test then keeps the split's own statistics (bppa@8ep, README)."""
+    from core.nft import clean_accuracy, norm_reference, recalibrate_norm_stats
+    from core.train import train_classifier
+
+    torch.manual_seed(0)
+    model = image_adapter.build_model("small_cnn", 10, in_channels=1, width=8)
+    train_classifier(model, image_adapter, digits.train, {"epochs": 15, "batch_size": 64, "lr": 0.05}, seed=0,
+                     show_progress=False)
+    clean, _ = image_adapter.clean_split(digits, 10, 0)
+    cpu = torch.device("cpu")
+    ref = norm_reference(model, image_adapter, clean, cpu)
+    # Own variances a third of the split's in every channel: each passes the per-channel 4x rule.
+    bad_ref = {n: {**r, "running_var": r["clean_var"] / 3, "running_mean": r["clean_mean"]} for n, r in ref.items()}
+    shifted = copy.deepcopy(model)
+    assert recalibrate_norm_stats(shifted, image_adapter, clean, cpu, reference=bad_ref)["mode"] == "shift"
+    broken_acc = clean_accuracy(shifted, image_adapter, clean, cpu)
+    m = copy.deepcopy(model)
+    info = recalibrate_norm_stats(m, image_adapter, clean, cpu, reference=bad_ref, shift_check_alpha=0.01)
+    assert info["mode"] == "shift rejected" and info["full_only"] > info["shift_only"] and info["p"] < 0.01
+    acc = clean_accuracy(m, image_adapter, clean, cpu)
+    full = copy.deepcopy(model)
+    assert recalibrate_norm_stats(full, image_adapter, clean, cpu)["mode"] == "full"
+    assert acc == clean_accuracy(full, image_adapter, clean, cpu) and acc > broken_acc + 10
+    assert torch.equal(m.bn1.running_var, full.bn1.running_var)
+    # The model's own, sound statistics: the shift is kept.
+    m = copy.deepcopy(model)
+    assert recalibrate_norm_stats(m, image_adapter, clean, cpu, reference=ref, shift_check_alpha=0.01)["mode"] == "shift"
