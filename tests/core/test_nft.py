@@ -403,8 +403,14 @@ def test_shift_that_breaks_the_model_on_the_split_is_rejected(digits, image_adap
     assert recalibrate_norm_stats(shifted, image_adapter, clean, cpu, reference=bad_ref)["mode"] == "shift"
     broken_acc = clean_accuracy(shifted, image_adapter, clean, cpu)
     m = copy.deepcopy(model)
-    info = recalibrate_norm_stats(m, image_adapter, clean, cpu, reference=bad_ref, shift_check_alpha=0.01)
+    info = recalibrate_norm_stats(m, image_adapter, clean, cpu, reference=bad_ref, shift_check_alpha=0.01,
+                                  shift_check_margin=5.0)
     assert info["mode"] == "shift rejected" and info["full_only"] > info["shift_only"] and info["p"] < 0.01
+    # A significant loss smaller than the margin keeps the shift (the split favours its own statistics).
+    gap = 100.0 * (info["full_only"] - info["shift_only"]) / len(clean)
+    kept = recalibrate_norm_stats(copy.deepcopy(model), image_adapter, clean, cpu, reference=bad_ref,
+                                  shift_check_alpha=0.01, shift_check_margin=gap)
+    assert kept["mode"] == "shift" and kept["split_acc"] == broken_acc
     acc = clean_accuracy(m, image_adapter, clean, cpu)
     full = copy.deepcopy(model)
     assert recalibrate_norm_stats(full, image_adapter, clean, cpu)["mode"] == "full"
