@@ -99,6 +99,8 @@ OFFICIAL: Dict[str, Any] = {
     # During recovery keep showing the universal perturbation: False (no), "frozen" (the last one, fixed)
     # or "live" (it keeps ascending, so a trigger the recovery re-opens is found again).
     "recover_adv": False,
+    # Share of each recovery batch that carries it (None = adv_frac).
+    "recover_adv_frac": None,
     # MixUp during recovery too (same alpha): a mixed pair is itself a blend of an image with another
     # pattern, and its soft label says the blend keeps the image's class, the opposite of a blend trigger.
     "recover_mixup": False, "recover_mixup_alpha": None,   # None = mixup_alpha
@@ -497,9 +499,9 @@ class MaskTrainer:
             u.ascend()
         return {"loss": loss.detach(), "task_loss": task.detach(), "lambda": lam}
 
-    def _perturb_share(self, x: Any, deltas: List[torch.Tensor]) -> Any:
-        """The first ``adv_frac`` of the batch perturbed, split into one contiguous slice per perturbation."""
-        k = int(round(float(self.cfg["adv_frac"]) * len(x)))
+    def _perturb_share(self, x: Any, deltas: List[torch.Tensor], frac: Optional[float] = None) -> Any:
+        """The first ``frac`` (default ``adv_frac``) of the batch perturbed, one contiguous slice per perturbation."""
+        k = int(round(float(self.cfg["adv_frac"] if frac is None else frac) * len(x)))
         if k <= 0:
             return x
         bounds = [round(i * k / len(deltas)) for i in range(len(deltas) + 1)]
@@ -512,7 +514,8 @@ class MaskTrainer:
         x = self.adapter.augment(x, c["recover_augment"], self.g)
         uaps = self.uaps if mode else []
         if uaps:
-            x = self._perturb_share(x, [u.delta if mode == "live" else u.delta.detach() for u in uaps])
+            x = self._perturb_share(x, [u.delta if mode == "live" else u.delta.detach() for u in uaps],
+                                    c.get("recover_adv_frac"))
         ya, yb, lam = y, y, 1.0
         alpha = float(c["mixup_alpha"] if c.get("recover_mixup_alpha") is None else c["recover_mixup_alpha"])
         k = len(y)

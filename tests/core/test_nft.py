@@ -92,6 +92,25 @@ def test_recovery_mixes_and_moves_a_live_perturbation_only_in_live_mode(digits, 
     assert out["lambda"] == 1.0 and torch.equal(before, tr.uap.delta.detach())
 
 
+def test_recovery_perturbs_its_own_share_when_recover_adv_frac_is_set(image_adapter, small_model):
+    import copy
+
+    from core.nft import DEFAULTS, MaskTrainer
+
+    x = torch.full((8, 1, 8, 8), 0.5)
+    for frac, perturbed in ((None, 4), (0.25, 2)):   # None: the phase-one share, adv_frac 0.5
+        cfg = dict(DEFAULTS, recover_adv="frozen", recover_mixup=False, recover_augment="none", recover_adv_frac=frac)
+        trainer = MaskTrainer(copy.deepcopy(small_model), image_adapter, cfg, x, 2, torch.device("cpu"),
+                              torch.Generator().manual_seed(0))
+        trainer.uap.delta = torch.full((1, 8, 8), 0.1, requires_grad=True)
+        seen = []
+        hook = trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+        trainer.step(x, torch.zeros(8, dtype=torch.long), int(cfg["steps"]))   # the first recovery step
+        hook.remove()
+        shifted = (seen[0].mean(dim=(1, 2, 3)) - 0.5).abs() > 0.05
+        assert shifted.tolist() == [True] * perturbed + [False] * (8 - perturbed)
+
+
 def test_bad_recovery_mode_is_refused(digits, image_adapter, small_model):
     with pytest.raises(ValueError, match="recover_adv must be"):
         _recovery_trainer(image_adapter, small_model, digits, recover_adv="sometimes")
