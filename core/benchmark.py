@@ -18,21 +18,24 @@ import torch
 from .adapter import Modality
 from .config import deep_merge, load_yaml
 from .defenses.base import DefenseContext
-from .pipeline import (attack_from_run, cached_victim, get_or_train_victim, load_bundle, make_defense,
+from .pipeline import (SPEED_KEYS, attack_from_run, cached_victim, get_or_train_victim, load_bundle, make_defense,
                        purify_to_run)
 from .registry import DEFENSES
 from .rundir import write_csv
-from .utils import pick_device, progress
+from .utils import autocast as autocast_ctx
+from .utils import pick_device, progress, to_memory_format
 
 COLUMNS = ["dataset", "model", "attack", "defense", "clean_per_class", "seed", "acc_before", "asr_before", "ra_before",
-           "acc_after", "asr_after", "ra_after", "der", "seconds", "preset", "options", "victim"]
+           "acc_after", "asr_after", "ra_after", "der", "seconds", "preset", "options", "victim", "speed"]
 
 
 def defense_label(d: Dict[str, Any]) -> str:
     """``nft``, ``nft[official]``, or an explicit ``label`` from the grid file."""
     if d.get("label"):
         return str(d["label"])
-    return d["name"] + (f"[{d['preset']}]" if d.get("preset") else "")
+    # An entry that sets a speed key gets its own label, so it is not taken for the same cell computed otherwise.
+    speed = "".join(f"+{k}" for k in SPEED_KEYS if d.get(k) not in (None, False))
+    return d["name"] + (f"[{d['preset']}]" if d.get("preset") else "") + speed
 
 
 def read_rows(path: str | Path) -> List[Dict[str, Any]]:
@@ -184,8 +187,11 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
         model, vrun = get_or_train_victim(adapter, cfg, victims_root, show_progress=show_progress, bundle=bundle)
         attack = attack_from_run(adapter, vrun, bundle.num_classes)
         before = vrun.metrics().get("before") or adapter.evaluate(model, bundle.test, attack, device=device)
+        # Speed keys: the grid entry's, else the base config's defense section's (how, not what, it computes).
+        base_defense = cfg.get("defense") or {}
         defense = {"name": d["name"], "preset": d.get("preset"), "options": d.get("options") or {},
-                   "clean_per_class": cell["clean_per_class"]}
+                   "clean_per_class": cell["clean_per_class"],
+                   **{k: d.get(k, base_defense.get(k, False)) for k in SPEED_KEYS}}
         out = None
         if runs_root:
             out = Path(runs_root) / f"{row_key['dataset']}-{attack_label}-{label}-n{cell['clean_per_class']}-s{cell['seed']}"
@@ -196,7 +202,7 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
         row = {**row_key, **{k: res.get(k) for k in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after",
                                                     "ra_after", "der", "seconds")},
                "preset": d.get("preset") or "", "options": ";".join(f"{k}={v}" for k, v in (d.get("options") or {}).items()),
-               "victim": vrun.path.name}
+               "victim": vrun.path.name, "speed": res.get("speed", "")}
         echo(f"  {label:18s} n={cell['clean_per_class']:<3d} ACC {row['acc_before']:.2f} -> {row['acc_after']:.2f}  "
              f"ASR {row['asr_before']:.2f} -> {row['asr_after']:.2f}  {row['seconds']:.1f}s")
         rows.append(row)
@@ -283,11 +289,12 @@ def plot_results(rows: List[Dict[str, Any]], path: str | Path) -> Path:
 
 def step_times(adapter: Modality, model: torch.nn.Module, clean: Any, *, nft_options: Optional[Dict[str, Any]] = None,
                batch_size: int = 128, repeats: int = 30, warmup: int = 5, device: Optional[torch.device] = None,
-               seed: int = 0) -> Dict[str, float]:
+               seed: int = 0, autocast: bool = False, channels_last: bool = False) -> Dict[str, float]:
     """Seconds per optimiser step of NFT (masks only) and of FT (all weights), same batch, same model.
 
     NFT's step includes everything its default does per step (augmentation, MixUp, the
-    universal perturbation's input gradient, clipping); FT's is a plain SGD step.
+    universal perturbation's input gradient, clipping); FT's is a plain SGD step. ``autocast`` /
+    ``channels_last``: both steps compute that way (as ``defense.autocast`` / ``defense.channels_last``).
     """
     import copy
 
@@ -303,13 +310,16 @@ def step_times(adapter: Modality, model: torch.nn.Module, clean: Any, *, nft_opt
     opt = torch.optim.SGD(ft_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def ft_step() -> None:
-        x = adapter.augment(x0, "weak", g)
-        loss = adapter.criterion(adapter.forward(ft_model, x), y0)
+        x = to_memory_format(ft_model, adapter.augment(x0, "weak", g), channels_last)
+        with autocast_ctx(device, autocast):
+            out = adapter.forward(ft_model, x)
+        loss = adapter.criterion(out, y0)  # outside autocast, as core.defenses.finetune computes it
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    trainer = MaskTrainer(copy.deepcopy(model).to(device), adapter, cfg, x0[:8], 60, device, g)
+    trainer = MaskTrainer(copy.deepcopy(model).to(device), adapter, cfg, x0[:8], 60, device, g,
+                          channels_last=channels_last, use_autocast=autocast)
     counter = iter(range(10 ** 9))
 
     def nft_step() -> None:

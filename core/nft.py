@@ -226,7 +226,7 @@ def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, d
     check = shift_check_alpha > 0
     if check:
         full_stats = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
-        right_full = correct_predictions(model, adapter, data, device)
+        right_full = correct_predictions(model, adapter, data, device, channels_last)
     for name, ref in reference.items():
         m = norms.get(name)
         if m is None or m.running_mean.shape != ref["running_mean"].shape:
@@ -248,7 +248,7 @@ def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, d
         m.running_var.copy_(torch.where(consistent, shifted_var, m.running_var))
     if not check:
         return {"mode": "shift"}
-    right_shift = correct_predictions(model, adapter, data, device)
+    right_shift = correct_predictions(model, adapter, data, device, channels_last)
     full_only, shift_only = int((right_full & ~right_shift).sum()), int((right_shift & ~right_full).sum())
     p = sign_test_p(full_only, shift_only)
     gap = 100.0 * (full_only - shift_only) / max(len(right_full), 1)
@@ -274,14 +274,15 @@ def sign_test_p(wins: int, losses: int) -> float:
 
 
 @torch.no_grad()
-def correct_predictions(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device) -> torch.Tensor:
+def correct_predictions(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
+                        channels_last: bool = False) -> torch.Tensor:
     """Per sample of ``data`` (as given, in order), whether the model in eval mode predicts its label."""
     was = model.training
     model.eval()
     right = [torch.zeros(0, dtype=torch.bool)]
     for batch in adapter.loader(data, 256):
         x, y = adapter.to_device(batch[0], device), batch[1].to(device)
-        right.append((adapter.predict(model, x) == y).cpu())
+        right.append((adapter.predict(model, to_memory_format(model, x, channels_last)) == y).cpu())
     model.train(was)
     return torch.cat(right)
 
@@ -289,18 +290,19 @@ def correct_predictions(model: nn.Module, adapter: Modality, data: Dataset, devi
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
                    recalibrate: bool = False, reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
-                   shift_check_alpha: float = 0.0, shift_check_margin: float = 0.0) -> float:
+                   shift_check_alpha: float = 0.0, shift_check_margin: float = 0.0,
+                   channels_last: bool = False) -> float:
     """Accuracy (%) on ``data`` as given (no augmentation), in eval mode; optionally after BN recalibration.
 
     Recalibration works on a copy, so the model being trained keeps its running statistics.
     """
     if recalibrate:
         model = copy.deepcopy(model)
-        done = recalibrate_norm_stats(model, adapter, data, device, reference=reference,
+        done = recalibrate_norm_stats(model, adapter, data, device, reference=reference, channels_last=channels_last,
                                       shift_check_alpha=shift_check_alpha, shift_check_margin=shift_check_margin)
         if "split_acc" in done:
             return done["split_acc"]
-    return _percent(correct_predictions(model, adapter, data, device))
+    return _percent(correct_predictions(model, adapter, data, device, channels_last))
 
 
 class UniversalPerturbation:
@@ -616,7 +618,8 @@ class NFT(Defense):
                 and len(clean) >= int(c["recover_check_min_samples"])):
             with torch.no_grad():
                 masks.fill_(1.0)
-                target_acc = clean_accuracy(model, adapter, clean, ctx.device) - float(c["recover_tolerance"])
+                target_acc = clean_accuracy(model, adapter, clean, ctx.device,
+                                            channels_last=ctx.channels_last) - float(c["recover_tolerance"])
         log: List[Dict[str, Any]] = []
         t0 = time.perf_counter()
         bar = progress(loader, total=steps, desc="nft", enabled=ctx.show_progress)
@@ -626,6 +629,7 @@ class NFT(Defense):
             done_recovering = False
             if target_acc is not None and step >= main_steps and (step + 1 - main_steps) % int(c["recover_check_every"]) == 0:
                 acc = clean_accuracy(model, adapter, clean, ctx.device, recalibrate=True, reference=reference,
+                                     channels_last=ctx.channels_last,
                                      **shift_check_of(c))
                 model.train(c["bn_mode"] == "train")
                 log.append({"step": step + 1, "clean_split_acc": acc, "target_acc": target_acc})

@@ -5,6 +5,7 @@ Written against the adapter only, so it serves every modality.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import time
@@ -21,7 +22,7 @@ from .metrics import summarize
 from .registry import DEFENSES
 from .rundir import RunDir, load_state_into, load_weights
 from .train import train_classifier
-from .utils import pick_device, seed_everything
+from .utils import bf16_is_fast, pick_device, seed_everything
 
 
 def load_bundle(adapter: Modality, cfg: Dict[str, Any]) -> DataBundle:
@@ -160,13 +161,49 @@ def make_defense(adapter: Modality, name: str, options: Optional[Dict[str, Any]]
     return DEFENSES.get(name)(preset=preset, **merged)
 
 
+@functools.cache
+def _import_optimizers() -> None:
+    """torch imports its compiler stack on the first optimizer built in a process (1.5 s here): not the defense's time."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
 def run_defense(adapter: Modality, model: nn.Module, clean: Any, name: str, options: Optional[Dict[str, Any]],
                 ctx: DefenseContext, preset: Optional[str] = None) -> Tuple[DefenseResult, float]:
     defense = make_defense(adapter, name, options, preset)
+    _import_optimizers()
     seed_everything(ctx.seed)
     t0 = time.perf_counter()
     result = defense.run(copy.deepcopy(model), adapter, clean, ctx)
     return result, time.perf_counter() - t0
+
+
+SPEED_KEYS = ("autocast", "channels_last")
+
+
+def speed_options(defense: Dict[str, Any], device: torch.device) -> Dict[str, bool]:
+    """``defense.autocast`` (bf16) and ``defense.channels_last``: how every defense computes, not what.
+
+    Off unless the config turns them on; ``autocast: auto`` is on where bf16 is fast on ``device``
+    (:func:`core.utils.bf16_is_fast`). Any other value is refused here, before any work is done.
+    """
+    out = {}
+    for key in SPEED_KEYS:
+        value = defense.get(key, False)
+        if value is None:
+            value = False
+        if key == "autocast" and value == "auto":
+            value = bf16_is_fast(device)
+        if not isinstance(value, bool):
+            allowed = "true, false or auto" if key == "autocast" else "true or false"
+            raise ValueError(f"defense.{key} must be {allowed}, got {value!r}; set it with --set defense.{key}=true")
+        out[key] = value
+    return out
+
+
+def speed_label(speed: Dict[str, bool]) -> str:
+    """``bf16+channels_last``, ``fp32``, ...: how a row's defense computed (its seconds depend on it)."""
+    return ("bf16" if speed.get("autocast") else "fp32") + ("+channels_last" if speed.get("channels_last") else "")
 
 
 def purify_to_run(adapter: Modality, model: nn.Module, bundle: DataBundle, defense: Dict[str, Any],
@@ -183,21 +220,22 @@ def purify_to_run(adapter: Modality, model: nn.Module, bundle: DataBundle, defen
     name = defense.get("name", "nft")
     per_class = int(defense.get("clean_per_class", 60))
     clean, idx = adapter.clean_split(bundle, per_class, seed)
+    speed = speed_options(defense, device)
     if before is None:
         before = adapter.evaluate(model, bundle.test, attack, device=device)
-    ctx = DefenseContext(device=device, seed=seed, clean_per_class=per_class, show_progress=show_progress)
+    ctx = DefenseContext(device=device, seed=seed, clean_per_class=per_class, show_progress=show_progress, **speed)
     result, seconds = run_defense(adapter, model, clean, name, defense.get("options") or {}, ctx,
                                   preset=defense.get("preset"))
     after = adapter.evaluate(result.model, bundle.test, attack, device=device)
     row = {"defense": name, "preset": defense.get("preset") or "default", "clean_per_class": per_class,
-           "seed": seed, **summarize(before, after), "seconds": seconds}
+           "seed": seed, **summarize(before, after), "seconds": seconds, "speed": speed_label(speed)}
     if out is not None:
         run = RunDir(out)
         info = {"kind": "purified", "modality": adapter.name, "source": source,
                 "config": {"model": model_spec, "defense": defense, "seed": seed, "data": bundle.info.get("spec")},
                 "num_classes": bundle.num_classes, "data_info": bundle.info,
                 "attack": attack.spec() if attack is not None else None,
-                "defense_info": result.info, "clean_indices": idx.tolist(), "seconds": seconds}
+                "defense_info": result.info, "speed": speed, "clean_indices": idx.tolist(), "seconds": seconds}
         run.save(result.model, info, metrics={"before": before, "after": after, **{k: v for k, v in row.items()
                                                                                     if k in ("der", "seconds")}},
                  extra_tensors=result.extras)

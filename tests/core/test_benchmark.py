@@ -50,6 +50,9 @@ def test_step_time_ratio_is_measured(digits, image_adapter, small_model):
     t = step_times(image_adapter, small_model, clean, batch_size=32, repeats=3, warmup=1)
     assert t["nft_step_s"] > 0 and t["ft_step_s"] > 0 and t["ratio"] == t["nft_step_s"] / t["ft_step_s"]
     assert t["num_masks"] < t["num_weights"]
+    fast = step_times(image_adapter, small_model, clean, batch_size=32, repeats=2, warmup=1, autocast=True,
+                      channels_last=True)
+    assert fast["nft_step_s"] > 0 and fast["ft_step_s"] > 0
 
 
 def test_shipped_grid_file_expands():
