@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from .adapter import Modality
@@ -108,6 +109,11 @@ OFFICIAL: Dict[str, Any] = {
     # weighted by its size). Training on mixed images is what recovery pays accuracy for; some of it is
     # what keeps a blend trigger closed (README, "what the default does").
     "recover_mixup_frac": 1.0,
+    # Weight of distillation from the original model on the plain (unmixed) share of a recovery batch:
+    # loss = (1 - w) CE + w T^2 KL(teacher_T || student_T), the KL term only on images the original
+    # classifies correctly (an augmented image that excites its backdoor keeps the hard label). Why: the
+    # original's outputs on clean images describe its clean function more fully than 600 labels. 0 = off.
+    "recover_distill": 0.0, "recover_distill_temperature": 2.0,
     # Stop recovering once accuracy on the (unaugmented) clean split is back within this many points
     # of the original model's; checked every ``recover_check_every`` steps. Clean data only.
     "recover_tolerance": 1.0, "recover_check_every": 25,
@@ -420,6 +426,14 @@ class MaskTrainer:
                              f"choose from {candidates}")
         candidates = [u for u in candidates if u not in exclude]
         units = forward_order(model, candidates, lambda m: adapter.forward(m, probe_inputs))
+        # The original model (before masks), for recovery's distillation; eval mode: its trained statistics.
+        self.teacher: Optional[nn.Module] = None
+        if float(cfg.get("recover_distill") or 0.0) > 0:
+            if not 0.0 < float(cfg["recover_distill"]) <= 1.0:
+                raise ValueError(f"nft.recover_distill must be in [0, 1], got {cfg['recover_distill']}")
+            self.teacher = copy.deepcopy(model).eval()
+            for p_ in self.teacher.parameters():
+                p_.requires_grad_(False)
         self.units = units
         self.masks = NeuralMasks(model, units, scale_bias=bool(cfg["mask_beta"]))
         self.lower = lower_bounds(cfg["schedule"], len(self.masks), **(cfg.get("schedule_params") or {}))
@@ -531,7 +545,9 @@ class MaskTrainer:
             out = self.adapter.forward(self.model, x)
         if 0 < k < len(y):   # mixed share and plain share, each weighted by its size
             loss = (k * mixed_loss(self.adapter.criterion, out[:k], ya, yb, lam)
-                    + (len(y) - k) * self.adapter.criterion(out[k:], y[k:])) / len(y)
+                    + (len(y) - k) * self._plain_loss(x[k:], out[k:], y[k:])) / len(y)
+        elif k == 0 or not c.get("recover_mixup") or alpha <= 0:
+            loss = self._plain_loss(x, out, y)
         else:
             loss = mixed_loss(self.adapter.criterion, out, ya, yb, lam)
         self.opt.zero_grad(set_to_none=True)
@@ -544,6 +560,21 @@ class MaskTrainer:
             for u in uaps:
                 u.ascend()
         return {"loss": loss.detach(), "task_loss": loss.detach(), "lambda": lam}
+
+
+    def _plain_loss(self, x: Any, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Recovery's loss on unmixed images: CE, or CE blended with distillation from the original model."""
+        ce = self.adapter.criterion(out, y)
+        if self.teacher is None:
+            return ce
+        w, t = float(self.cfg["recover_distill"]), float(self.cfg["recover_distill_temperature"])
+        with torch.no_grad(), autocast(self.device, self.use_autocast):
+            teacher_out = self.adapter.forward(self.teacher, x)
+        teacher_out = teacher_out.float()
+        trusted = (teacher_out.argmax(1) == y).float()
+        kl = F.kl_div(F.log_softmax(out.float() / t, 1), F.log_softmax(teacher_out / t, 1), reduction="none",
+                      log_target=True).sum(1)
+        return (1 - w) * ce + w * t * t * (kl * trusted).sum() / max(float(trusted.sum()), 1.0)
 
 
 def shift_check_of(cfg: Dict[str, Any]) -> Dict[str, float]:

@@ -111,6 +111,32 @@ def test_recovery_perturbs_its_own_share_when_recover_adv_frac_is_set(image_adap
         assert shifted.tolist() == [True] * perturbed + [False] * (8 - perturbed)
 
 
+def test_recovery_distillation_learns_from_the_original_only_where_it_is_right(digits, image_adapter, small_model):
+    import torch.nn.functional as F
+
+    tr, x, y = _recovery_trainer(image_adapter, small_model, digits, recover_mixup=False, recover_distill=0.5,
+                                 recover_distill_temperature=2.0)
+    assert tr.teacher is not None and not any(p.requires_grad for p in tr.teacher.parameters())
+    with torch.no_grad():
+        teacher = image_adapter.forward(tr.teacher, x)
+    right = teacher.argmax(1) == y
+    assert 0 < int(right.sum()) < len(y)   # the untrained small CNN is right on some images only
+    student = torch.zeros(len(y), 10, requires_grad=True)
+    loss = tr._plain_loss(x, student, y)
+    ce = F.cross_entropy(student, y)
+    kl = F.kl_div(F.log_softmax(student / 2, 1), F.log_softmax(teacher / 2, 1), reduction="none",
+                  log_target=True).sum(1)
+    torch.testing.assert_close(loss, 0.5 * ce + 0.5 * 4 * kl[right].mean())
+    # the teacher is the model before masking: shrinking the masks changes the student only
+    with torch.no_grad():
+        tr.masks.fill_(0.5)
+        torch.testing.assert_close(image_adapter.forward(tr.teacher, x), teacher)
+    off, _, _ = _recovery_trainer(image_adapter, small_model, digits)
+    assert off.teacher is None
+    with pytest.raises(ValueError, match="recover_distill must be in"):
+        _recovery_trainer(image_adapter, small_model, digits, recover_distill=1.5)
+
+
 def test_bad_recovery_mode_is_refused(digits, image_adapter, small_model):
     with pytest.raises(ValueError, match="recover_adv must be"):
         _recovery_trainer(image_adapter, small_model, digits, recover_adv="sometimes")
