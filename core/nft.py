@@ -561,7 +561,6 @@ class MaskTrainer:
                 u.ascend()
         return {"loss": loss.detach(), "task_loss": loss.detach(), "lambda": lam}
 
-
     def _plain_loss(self, x: Any, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Recovery's loss on unmixed images: CE, or CE blended with distillation from the original model."""
         ce = self.adapter.criterion(out, y)
