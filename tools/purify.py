@@ -77,7 +77,7 @@ def main() -> None:
     row = purify_to_run(adapter, model, bundle, defense, out, model_spec=cfg["model"], seed=seed, device=device,
                         attack=attack, source=source, show_progress=not args.no_progress)
     print_table([row], ["defense", "preset", "clean_per_class", "acc_before", "asr_before", "acc_after", "asr_after",
-                        "ra_after", "seconds", "run_dir"])
+                        "ra_after", "seconds", "speed", "run_dir"])
 
 
 if __name__ == "__main__":
