@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -197,6 +198,9 @@ def speed_options(defense: Dict[str, Any], device: torch.device) -> Dict[str, bo
         if not isinstance(value, bool):
             allowed = "true, false or auto" if key == "autocast" else "true or false"
             raise ValueError(f"defense.{key} must be {allowed}, got {value!r}; set it with --set defense.{key}=true")
+        if key == "autocast" and value and not bf16_is_fast(device):
+            warnings.warn(f"defense.autocast is on, but {device.type} has no native bf16 (AVX512-BF16/AMX or a bf16 GPU): "
+                          "it will run slower than fp32 (8x on a CPU measured); use defense.autocast=auto", stacklevel=2)
         out[key] = value
     return out
 

@@ -33,6 +33,15 @@ def test_bf16_is_never_fast_on_a_device_it_does_not_know():
     assert bf16_is_fast(torch.device("meta")) is False
 
 
+def test_autocast_forced_on_where_bf16_is_slow_warns_and_names_auto(monkeypatch):
+    import core.pipeline
+
+    monkeypatch.setattr(core.pipeline, "bf16_is_fast", lambda device: False)
+    with pytest.warns(UserWarning, match="defense.autocast=auto"):
+        assert speed_options({"autocast": True}, CPU)["autocast"] is True
+    assert speed_options({"autocast": "auto"}, CPU)["autocast"] is False
+
+
 def _masks(image_adapter, small_model, clean, **speed):
     ctx = DefenseContext(clean_per_class=5, show_progress=False, **speed)
     opts = {"steps": 12, "recover_steps": 0, "batch_size": 32}
