@@ -428,9 +428,10 @@ class MaskTrainer:
         units = forward_order(model, candidates, lambda m: adapter.forward(m, probe_inputs))
         # The original model (before masks), for recovery's distillation; eval mode: its trained statistics.
         self.teacher: Optional[nn.Module] = None
-        if float(cfg.get("recover_distill") or 0.0) > 0:
-            if not 0.0 < float(cfg["recover_distill"]) <= 1.0:
-                raise ValueError(f"nft.recover_distill must be in [0, 1], got {cfg['recover_distill']}")
+        distill = float(cfg.get("recover_distill") or 0.0)
+        if not 0.0 <= distill <= 1.0:
+            raise ValueError(f"nft.recover_distill must be in [0, 1], got {cfg['recover_distill']}")
+        if distill > 0:
             self.teacher = copy.deepcopy(model).eval()
             for p_ in self.teacher.parameters():
                 p_.requires_grad_(False)
@@ -534,7 +535,7 @@ class MaskTrainer:
                                     c.get("recover_adv_frac"))
         ya, yb, lam = y, y, 1.0
         alpha = float(c["mixup_alpha"] if c.get("recover_mixup_alpha") is None else c["recover_mixup_alpha"])
-        k = len(y)
+        k = 0   # how many of the batch are mixed (the first k)
         if c.get("recover_mixup") and alpha > 0:
             k = int(round(float(c["recover_mixup_frac"]) * len(y)))
             if k > 0:
@@ -543,13 +544,13 @@ class MaskTrainer:
         x = to_memory_format(self.model, x, self.channels_last)
         with autocast(self.device, self.use_autocast):
             out = self.adapter.forward(self.model, x)
-        if 0 < k < len(y):   # mixed share and plain share, each weighted by its size
+        if k == 0:
+            loss = self._plain_loss(x, out, y)
+        elif k == len(y):
+            loss = mixed_loss(self.adapter.criterion, out, ya, yb, lam)
+        else:   # mixed share and plain share, each weighted by its size
             loss = (k * mixed_loss(self.adapter.criterion, out[:k], ya, yb, lam)
                     + (len(y) - k) * self._plain_loss(x[k:], out[k:], y[k:])) / len(y)
-        elif k == 0 or not c.get("recover_mixup") or alpha <= 0:
-            loss = self._plain_loss(x, out, y)
-        else:
-            loss = mixed_loss(self.adapter.criterion, out, ya, yb, lam)
         self.opt.zero_grad(set_to_none=True)
         for u in uaps:
             u.delta.grad = None

@@ -40,15 +40,19 @@ def test_attack_writes_a_safe_run_dir(victim_dir):
 def test_purify_and_evaluate_run_dir(victim_dir, tmp_path):
     out = tmp_path / "nft"
     proc = tool("tools/purify.py", "--run", str(victim_dir), "--defense", "nft", "--clean-per-class", "10",
-                "--set", "defense.options.steps=100", "--out", str(out), "--no-progress")
-    assert "nft" in proc.stdout
+                "--set", "defense.options.steps=100", "defense.channels_last=true", "--out", str(out), "--no-progress")
+    assert "nft" in proc.stdout and "fp32+channels_last" in proc.stdout
     assert (out / "masks.safetensors").is_file() and (out / "log.csv").is_file() and (out / "plots" / "masks.png").is_file()
     info = json.loads((out / "run.json").read_text())
     assert info["kind"] == "purified" and len(info["clean_indices"]) == 100
+    assert info["speed"] == {"autocast": False, "channels_last": True}
     proc = tool("tools/evaluate.py", "--run", str(out), "--attack-from", str(victim_dir))
     assert "asr" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"before", "after"} <= set(metrics)
+    assert {"before", "after"} <= set(metrics) and metrics["evaluated_autocast"] is False
+    tool("tools/evaluate.py", "--run", str(out), "--attack-from", str(victim_dir), "--autocast", "true")
+    bf16 = json.loads((out / "metrics.json").read_text())
+    assert bf16["evaluated_autocast"] is True and abs(bf16["after"]["acc"] - metrics["after"]["acc"]) < 3
 
 
 def test_trace_nft_writes_a_trajectory(victim_dir, tmp_path):
