@@ -43,6 +43,16 @@ def test_average_row_compares_defenses_on_the_same_victims():
     md = markdown_table(rows, 60)
     assert "| avg drop (ASR/ACC), the 1 victims every defense ran |  |  | 100.00/2.00 | 50.00/1.00 |" in md
     assert "| avg drop over its own victims (n) |  |  | 50.00/6.00 (2) | 50.00/1.00 (1) |" in md
+    assert "[" not in md   # one row per cell: no range
+
+
+def test_cells_over_seeds_show_the_asr_range():
+    def row(d, seed, asr, acc):
+        return {"dataset": "x", "model": "m", "attack": "a", "defense": d, "clean_per_class": 60, "seconds": 1,
+                "seed": seed, "asr_before": 100, "acc_before": 90, "asr_after": asr, "acc_after": acc}
+    md = markdown_table([row("nft", 0, 2, 88), row("nft", 1, 10, 86), row("ft", 0, 50, 89)], 60)
+    assert "| x | a | 100.00/90.00 | 6.00/87.00 [2.00-10.00] | 50.00/89.00 |" in md
+    assert "[lowest-highest ASR]" in md
 
 
 def test_step_time_ratio_is_measured(digits, image_adapter, small_model):

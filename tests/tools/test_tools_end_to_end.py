@@ -96,3 +96,24 @@ def test_train_step_precision_benchmark_prints_both_times_and_the_ratio():
     out = tool("benchmarks/train_step_precision.py", "--steps", "1").stdout
     fp32, bf16, ratio = (float(out.split(key)[1].split()[0]) for key in ("fp32 ", "bf16 ", "bf16/fp32 "))
     assert fp32 > 0 and bf16 > 0 and ratio == pytest.approx(bf16 / fp32, abs=0.02)
+
+
+def test_benchmark_report_only_rewrites_the_table_and_keeps_the_step_time(tmp_path):
+    # --report-only runs no cell and measures nothing: the table comes from the CSV, and the step-time
+    # section from the last measurement's JSON (it was dropped from the report before session 13).
+    cols = ("dataset,model,attack,defense,clean_per_class,seed,acc_before,asr_before,ra_before,acc_after,asr_after,"
+            "ra_after,der,seconds")
+    rows = ["digits,small_cnn,badnets,nft,10,0,96.0,97.0,3.0,93.0,20.0,80.0,70.0,3.0",
+            "digits,small_cnn,badnets,nft,10,1,96.0,97.0,3.0,92.0,30.0,70.0,65.0,3.5"]
+    csv = tmp_path / "grid.csv"
+    csv.write_text(cols + "\n" + "\n".join(rows) + "\n")
+    (tmp_path / "grid_step_time.json").write_text(json.dumps(
+        {"batch_size": 128, "ft_step_s": 0.2, "nft_step_s": 0.15, "num_masks": 80, "num_weights": 9000, "ratio": 0.75}))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"name: grid\nbase: {CFG}\noutput: {csv}\nstep_time: true\n"
+                    "grid: {attack: [{name: badnets}], defense: [{name: nft}], clean_per_class: [10], seed: [0, 1]}\n")
+    tool("tools/benchmark.py", "--grid", str(grid), "--report-only")
+    md = (tmp_path / "grid.md").read_text()
+    assert "| digits | badnets | 97.00/96.00 | 25.00/92.50 [20.00-30.00] |" in md
+    assert "NFT 150.0 ms/step, FT 200.0 ms/step, ratio NFT/FT = 0.750" in md
+    assert (tmp_path / "grid.png").exists()
