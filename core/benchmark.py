@@ -231,7 +231,6 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
     head = ["dataset", "attack", "no defense"] + defenses
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     drops: Dict[str, Dict[tuple, tuple]] = {d: {} for d in defenses}
-    several = False
     for key, by_def in groups.items():
         ds, _model, atk = key
         any_row = next(iter(by_def.values()))
@@ -248,7 +247,6 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
             acc = sum(_f(x["acc_after"]) for x in rs) / len(rs)
             # Over several seeds the mean hides how far one run can be from it: show the ASR's range.
             spread = f" [{min(asrs):.2f}-{max(asrs):.2f}]" if len(rs) > 1 else ""
-            several = several or len(rs) > 1
             cells.append(f"{asr:.2f}/{acc:.2f}{spread}")
             drops[d][key] = (asr_b - asr, acc_b - acc)
         lines.append("| " + " | ".join(cells) + " |")
@@ -270,7 +268,7 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
         s = sorted(_f(r["seconds"]) for r in rows if r["defense"] == d)
         secs.append(f"{s[len(s) // 2]:.1f}" if s else "-")
     lines.append("| " + " | ".join(secs) + " |")
-    if several:
+    if any(len(rs) > 1 for by_def in groups.values() for rs in by_def.values()):
         lines.append("\nA cell with several rows (seeds) shows their mean ASR/ACC and [lowest-highest ASR].")
     return "\n".join(lines) + "\n"
 
