@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--victim", help="victim run dir (default: the demo's cached victim)")
     p.add_argument("--config", default="configs/image/fashion_mnist_badnets.yaml")
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=60, help="steps of each, over 5 interleaved rounds")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_yaml(a.config)

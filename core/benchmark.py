@@ -218,6 +218,12 @@ def _f(v: Any) -> float:
         return float("nan")
 
 
+def _median(values: List[float]) -> float:
+    """The middle value; of an even count the upper middle one (a measured time, not an average of two)."""
+    v = sorted(values)
+    return v[len(v) // 2]
+
+
 def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int] = None) -> str:
     """Paper Table 1 layout: one row per (dataset, attack), ASR/ACC per defense, an average-drop row."""
     rows = [r for r in rows if clean_per_class is None or int(r["clean_per_class"]) == clean_per_class]
@@ -265,12 +271,62 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
         lines.append("| " + " | ".join(["avg drop over its own victims (n)", "", ""] + own) + " |")
     secs = ["median seconds", "", ""]
     for d in defenses:
-        s = sorted(_f(r["seconds"]) for r in rows if r["defense"] == d)
-        secs.append(f"{s[len(s) // 2]:.1f}" if s else "-")
+        s = [_f(r["seconds"]) for r in rows if r["defense"] == d]
+        secs.append(f"{_median(s):.1f}" if s else "-")
     lines.append("| " + " | ".join(secs) + " |")
     if any(len(rs) > 1 for by_def in groups.values() for rs in by_def.values()):
         lines.append("\nA cell with several rows (seeds) shows their mean ASR/ACC and [lowest-highest ASR].")
     return "\n".join(lines) + "\n"
+
+
+# Issue 4's time target: NFT's wall time against the median of these defenses' (the paper's comparison set).
+TIME_BASELINES = ("anp", "i-bau", "awm", "ft-sam", "rnp")
+
+
+
+
+def _base_name(label: str) -> str:
+    """A row's defense name without its preset or speed suffix: ``nft[generic]``, ``anp+autocast`` -> nft, anp."""
+    return str(label).split("[")[0].split("+")[0]
+
+
+def time_ratio(rows: Iterable[Dict[str, Any]], defense: str = "nft",
+               against: Iterable[str] = TIME_BASELINES) -> Optional[Dict[str, Any]]:
+    """``defense``'s median wall seconds over its cells, against the median of ``against``'s medians.
+
+    ``defense`` is a row label (``nft``, ``nft[generic]``, ...); ``against`` are names, each matching its rows
+    whatever their preset or speed suffix. None unless both sides have rows. Returns the medians, the ratio and
+    which of ``against`` are slower / not slower than ``defense`` (each by its own median).
+    """
+    rows = list(rows)
+    own_secs = [_f(r["seconds"]) for r in rows if r["defense"] == defense]
+    base = {}
+    for name in against:
+        secs = [_f(r["seconds"]) for r in rows if _base_name(r["defense"]) == name]
+        if secs:
+            base[name] = _median(secs)
+    if not own_secs or not base:
+        return None
+    own, ref = _median(own_secs), _median(list(base.values()))
+    return {"defense": defense, "seconds": own, "against": base, "median_against": ref, "ratio": own / ref,
+            "slower": sorted(d for d, m in base.items() if m > own),
+            "faster": sorted(d for d, m in base.items() if m <= own)}
+
+
+def time_ratio_lines(rows: Iterable[Dict[str, Any]]) -> str:
+    """Markdown lines stating :func:`time_ratio` for every NFT column (empty when none applies)."""
+    rows = list(rows)
+    labels = sorted({r["defense"] for r in rows if _base_name(r["defense"]) == "nft"})
+    out = []
+    for label in labels:
+        t = time_ratio(rows, label)
+        if t is None:
+            continue
+        names = ", ".join(f"{d} {m:.1f}" for d, m in t["against"].items())
+        out.append(f"\n{label} / median({names}) = {t['seconds']:.1f} / {t['median_against']:.1f} = "
+                   f"**{t['ratio']:.2f}** (median seconds per defense over its cells); {label} is faster than "
+                   f"{', '.join(t['slower']) or 'none of them'}, not faster than {', '.join(t['faster']) or 'any'}.\n")
+    return "".join(out)
 
 
 def plot_results(rows: List[Dict[str, Any]], path: str | Path) -> Path:
@@ -285,17 +341,20 @@ def plot_results(rows: List[Dict[str, Any]], path: str | Path) -> Path:
         a1.scatter([_f(r["acc_after"]) for r in rs], [_f(r["asr_after"]) for r in rs], label=d, s=28)
     a1.set_xlabel("clean ACC after (%)"); a1.set_ylabel("ASR after (%)"); a1.set_title("lower right is better")
     a1.legend(fontsize=7)
-    med = [sorted(_f(r["seconds"]) for r in rows if r["defense"] == d) for d in defenses]
-    a2.bar(defenses, [m[len(m) // 2] for m in med])
+    a2.bar(defenses, [_median([_f(r["seconds"]) for r in rows if r["defense"] == d]) for d in defenses])
     a2.set_ylabel("median wall seconds of the defense"); a2.tick_params(axis="x", rotation=45, labelsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
 def step_times(adapter: Modality, model: torch.nn.Module, clean: Any, *, nft_options: Optional[Dict[str, Any]] = None,
-               batch_size: int = 128, repeats: int = 30, warmup: int = 5, device: Optional[torch.device] = None,
-               seed: int = 0, autocast: bool = False, channels_last: bool = False) -> Dict[str, float]:
+               batch_size: int = 128, repeats: int = 60, warmup: int = 5, device: Optional[torch.device] = None,
+               seed: int = 0, autocast: bool = False, channels_last: bool = False, rounds: int = 5) -> Dict[str, float]:
     """Seconds per optimiser step of NFT (masks only) and of FT (all weights), same batch, same model.
+
+    ``repeats`` steps of each in ``rounds`` interleaved rounds (FT, NFT, FT, NFT, ...); each step time is the
+    median of its rounds, so one round slowed by the machine moves neither. (The mean of two rounds of 30,
+    used until session 14, gave ratios 0.740 and 0.820 in two runs a minute apart.)
 
     NFT's step includes everything its default does per step (augmentation, MixUp, the
     universal perturbation's input gradient, clipping); FT's is a plain SGD step. ``autocast`` /
@@ -330,21 +389,25 @@ def step_times(adapter: Modality, model: torch.nn.Module, clean: Any, *, nft_opt
     def nft_step() -> None:
         trainer.step(x0, y0, next(counter))
 
-    def timed(fn: Callable[[], None]) -> float:
-        for _ in range(warmup):
-            fn()
+    def timed(fn: Callable[[], None], n: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(n):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / repeats
+        return (time.perf_counter() - t0) / n
 
-    # Interleave to share any drift in machine load between the two.
-    ft_a, nft_a = timed(ft_step), timed(nft_step)
-    ft_b, nft_b = timed(ft_step), timed(nft_step)
-    ft_s, nft_s = (ft_a + ft_b) / 2, (nft_a + nft_b) / 2
-    return {"ft_step_s": ft_s, "nft_step_s": nft_s, "ratio": nft_s / ft_s, "batch_size": batch_size,
+    for _ in range(warmup):
+        ft_step()
+        nft_step()
+    rounds = max(int(rounds), 1)
+    per_round = max(int(repeats) // rounds, 1)
+    ft_times, nft_times = [], []
+    for _ in range(rounds):   # interleaved: drift in machine load reaches both alike
+        ft_times.append(timed(ft_step, per_round))
+        nft_times.append(timed(nft_step, per_round))
+    ft_s, nft_s = _median(ft_times), _median(nft_times)
+    return {"ft_step_s": ft_s, "nft_step_s": nft_s, "ratio": nft_s / ft_s, "batch_size": batch_size, "rounds": rounds,
             "num_masks": trainer.masks.num_masks, "num_weights": sum(p.numel() for p in model.parameters())}

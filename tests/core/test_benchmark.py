@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from core.benchmark import (attack_label_of, cell_config, expand_grid, markdown_table, prepare_victims, read_rows,
-                            run_grid, step_times)
+                            run_grid, step_times, time_ratio, time_ratio_lines)
 from modalities import get_modality
 
 
@@ -53,6 +53,26 @@ def test_cells_over_seeds_show_the_asr_range():
     md = markdown_table([row("nft", 0, 2, 88), row("nft", 1, 10, 86), row("ft", 0, 50, 89)], 60)
     assert "| x | a | 100.00/90.00 | 6.00/87.00 [2.00-10.00] | 50.00/89.00 |" in md
     assert "[lowest-highest ASR]" in md
+
+
+def test_time_ratio_against_the_median_of_the_baselines():
+    def row(d, s):
+        return {"defense": d, "seconds": s}
+    rows = [row("nft", 30), row("nft", 50), row("rnp", 10), row("i-bau", 40), row("awm", 200), row("awm", 100),
+            row("ft-sam", 300), row("anp", 900), row("ft", 1)]
+    t = time_ratio(rows)
+    # medians (upper middle of an even count, as the table's): nft 50, awm 200; of rnp 10, i-bau 40, awm 200,
+    # ft-sam 300, anp 900 the median is 200; ft is not in the comparison set
+    assert t["seconds"] == 50 and t["median_against"] == 200 and t["ratio"] == 0.25
+    assert t["slower"] == ["anp", "awm", "ft-sam"] and t["faster"] == ["i-bau", "rnp"]
+    lines = time_ratio_lines(rows)
+    assert "nft / median(" in lines and "= 50.0 / 200.0 = **0.25**" in lines and "not faster than i-bau, rnp" in lines
+    assert time_ratio([row("nft", 1), row("ft", 2)]) is None and time_ratio_lines([row("ft", 2)]) == ""
+    # every NFT column gets its line; baselines match by name whatever their preset or speed suffix
+    fast = [row("nft+autocast+channels_last", 20), row("nft[generic]", 40), row("anp+autocast+channels_last", 100)]
+    lines = time_ratio_lines(fast)
+    assert "nft+autocast+channels_last / median(anp 100.0) = 20.0 / 100.0 = **0.20**" in lines
+    assert "nft[generic] / median(anp 100.0) = 40.0 / 100.0" in lines
 
 
 def test_step_time_ratio_is_measured(digits, image_adapter, small_model):
