@@ -283,8 +283,6 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
 TIME_BASELINES = ("anp", "i-bau", "awm", "ft-sam", "rnp")
 
 
-
-
 def _base_name(label: str) -> str:
     """A row's defense name without its preset or speed suffix: ``nft[generic]``, ``anp+autocast`` -> nft, anp."""
     return str(label).split("[")[0].split("+")[0]
@@ -310,7 +308,7 @@ def time_ratio(rows: Iterable[Dict[str, Any]], defense: str = "nft",
     own, ref = _median(own_secs), _median(list(base.values()))
     return {"defense": defense, "seconds": own, "against": base, "median_against": ref, "ratio": own / ref,
             "slower": sorted(d for d, m in base.items() if m > own),
-            "faster": sorted(d for d, m in base.items() if m <= own)}
+            "not_slower": sorted(d for d, m in base.items() if m <= own)}
 
 
 def time_ratio_lines(rows: Iterable[Dict[str, Any]]) -> str:
@@ -325,7 +323,7 @@ def time_ratio_lines(rows: Iterable[Dict[str, Any]]) -> str:
         names = ", ".join(f"{d} {m:.1f}" for d, m in t["against"].items())
         out.append(f"\n{label} / median({names}) = {t['seconds']:.1f} / {t['median_against']:.1f} = "
                    f"**{t['ratio']:.2f}** (median seconds per defense over its cells); {label} is faster than "
-                   f"{', '.join(t['slower']) or 'none of them'}, not faster than {', '.join(t['faster']) or 'any'}.\n")
+                   f"{', '.join(t['slower']) or 'none of them'}, not faster than {', '.join(t['not_slower']) or 'any'}.\n")
     return "".join(out)
 
 
@@ -353,8 +351,7 @@ def step_times(adapter: Modality, model: torch.nn.Module, clean: Any, *, nft_opt
     """Seconds per optimiser step of NFT (masks only) and of FT (all weights), same batch, same model.
 
     ``repeats`` steps of each in ``rounds`` interleaved rounds (FT, NFT, FT, NFT, ...); each step time is the
-    median of its rounds, so one round slowed by the machine moves neither. (The mean of two rounds of 30,
-    used until session 14, gave ratios 0.740 and 0.820 in two runs a minute apart.)
+    median of its rounds, so one round slowed by the machine moves neither (runs still differ: README).
 
     NFT's step includes everything its default does per step (augmentation, MixUp, the
     universal perturbation's input gradient, clipping); FT's is a plain SGD step. ``autocast`` /
