@@ -90,17 +90,28 @@ def without_labels(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-def grids_writing(out_csv: str | Path, this_grid: str | Path) -> List[str]:
-    """Every grid file next to ``this_grid`` whose rows go to ``out_csv`` (several grids may share one CSV)."""
+def grid_files_writing(out_csv: str | Path, folder: str | Path) -> List[str]:
+    """Every grid file in ``folder`` whose rows go to ``out_csv`` (several grids may share one CSV); maybe none."""
     found = []
-    for path in sorted(Path(this_grid).parent.glob("*.yaml")):
+    for path in sorted(Path(folder).glob("*.yaml")):
         try:
             g = load_yaml(path)
         except Exception:  # a broken neighbour does not stop the report
             continue
         if Path(str(g.get("output") or f"results/{g.get('name') or path.stem}.csv")) == Path(out_csv):
             found.append(str(path))
-    return found or [str(this_grid)]
+    return found
+
+
+def grids_writing(out_csv: str | Path, this_grid: str | Path) -> List[str]:
+    """The grid files next to ``this_grid`` that write ``out_csv`` (``this_grid`` itself if none says so)."""
+    return grid_files_writing(out_csv, Path(this_grid).parent) or [str(this_grid)]
+
+
+def cell_row_key(cell: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The columns that identify a cell's CSV row (``cfg``: :func:`cell_config` of the cell)."""
+    return {"dataset": cfg["data"]["name"], "model": cfg["model"]["arch"], "attack": attack_label_of(cfg),
+            "defense": defense_label(cell["defense"]), "clean_per_class": cell["clean_per_class"], "seed": cell["seed"]}
 
 
 def attack_label_of(cfg: Dict[str, Any]) -> str:
@@ -169,10 +180,8 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
     for cell in expand_grid(grid):
         cfg = cell_config(cell, overrides)
         d = dict(cell["defense"])
-        label = defense_label(d)
-        attack_label = attack_label_of(cfg)
-        row_key = {"dataset": cfg["data"]["name"], "model": cfg["model"]["arch"], "attack": attack_label,
-                   "defense": label, "clean_per_class": cell["clean_per_class"], "seed": cell["seed"]}
+        row_key = cell_row_key(cell, cfg)
+        label, attack_label = row_key["defense"], row_key["attack"]
         if _key(row_key) in done:
             continue
         if (cfg.get("attack") or {}).get("name", "none") == "none":

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 import pytest
-import yaml
 
-from core.benchmark import attack_label_of, cell_config, defense_label, expand_grid, read_rows
+from core.benchmark import cell_config, cell_row_key, expand_grid, grid_files_writing, read_rows
+from core.config import load_yaml
 
 RESULTS = Path("results")
 GRIDS = Path("configs/benchmarks")
@@ -42,44 +42,29 @@ def test_expand_braces():
 README = expand_braces(Path("README.md").read_text())
 
 
-def _grids() -> Dict[str, dict]:
-    return {str(p): yaml.safe_load(p.read_text()) for p in sorted(GRIDS.glob("*.yaml"))}
+_CONFIGS: Dict[str, dict] = {}
 
 
-def _writers() -> Dict[Path, List[str]]:
-    """results CSV -> the grid files whose rows go there."""
-    out: Dict[Path, List[str]] = {}
-    for path, g in _grids().items():
-        out.setdefault(Path(g.get("output") or f"results/{g['name']}.csv"), []).append(path)
-    return out
-
-
-WRITERS = _writers()
-
-
-_VICTIMS: Dict[str, tuple] = {}
-
-
-def _victim_of(cell: dict) -> tuple:
-    """(dataset, model, attack label, seed) of a cell's victim; memoised (a sweep grid has hundreds of cells)."""
+def _config_of(cell: dict) -> dict:
+    """:func:`cell_config`, memoised on what it depends on (a sweep grid has hundreds of cells)."""
     key = json.dumps([str(cell["base"]), cell["attack"]], sort_keys=True, default=str)
-    if key not in _VICTIMS:
-        cfg = cell_config(cell)
-        _VICTIMS[key] = (cfg["data"]["name"], cfg["model"]["arch"], attack_label_of(cfg), str(cfg["seed"]))
-    return _VICTIMS[key]
+    if key not in _CONFIGS:
+        _CONFIGS[key] = cell_config(cell)
+    return _CONFIGS[key]
 
 
-def _cells(grid_paths: List[str]) -> List[dict]:
-    return [c for p in grid_paths for c in expand_grid(yaml.safe_load(Path(p).read_text()))]
+ROW_COLUMNS = ("dataset", "model", "attack", "defense", "clean_per_class", "seed")
+VICTIM_COLUMNS = ("dataset", "model", "attack", "seed")
 
 
-def _row_keys(grid_paths: List[str]) -> Set[tuple]:
-    return {_victim_of(c)[:3] + (defense_label(c["defense"]), str(c["clean_per_class"]), str(c["seed"]))
-            for c in _cells(grid_paths)}
-
-
-def _victim_keys(grid_paths: List[str]) -> Set[tuple]:
-    return {_victim_of(c) for c in _cells(grid_paths)}
+def _row_keys(grid_paths: List[str], victims: bool) -> Set[tuple]:
+    """Every row key the grids write, as run_grid (or, ``victims``, prepare_victims) keys it."""
+    keys = set()
+    for c in (c for p in grid_paths for c in expand_grid(load_yaml(p))):
+        cfg = _config_of(c)
+        key = {**cell_row_key(c, cfg), "seed": cfg["seed"]} if victims else cell_row_key(c, cfg)
+        keys.add(tuple(str(key[k]) for k in (VICTIM_COLUMNS if victims else ROW_COLUMNS)))
+    return keys
 
 
 @pytest.mark.parametrize("csv_path", sorted(str(p) for p in RESULTS.glob("*.csv")))
@@ -90,16 +75,15 @@ def test_every_results_csv_has_a_command_in_readme_and_every_row_a_cell(csv_path
             f"README names no tools/trace_nft.py command writing {path}"
         return
     if path.stem.endswith("_victims"):   # tools/benchmark.py --victims-only next to a grid's output
-        grids = WRITERS.get(path.with_name(path.name.replace("_victims.csv", ".csv")), [])
+        grids = grid_files_writing(path.with_name(path.name.replace("_victims.csv", ".csv")), GRIDS)
         assert grids, f"no grid in {GRIDS} writes {path.name.replace('_victims', '')}, whose victims file {path} is"
-        known = _victim_keys(grids)
-        rows = [tuple(r[k] for k in ("dataset", "model", "attack", "seed")) for r in read_rows(path)]
+        victims = True
     else:
-        grids = WRITERS.get(path, [])
+        grids = grid_files_writing(path, GRIDS)
         assert grids, f"no grid in {GRIDS} has output: {path}; rows without a grid cannot be reproduced"
-        known = _row_keys(grids)
-        rows = [tuple(r[k] for k in ("dataset", "model", "attack", "defense", "clean_per_class", "seed"))
-                for r in read_rows(path)]
+        victims = False
+    known = _row_keys(grids, victims)
+    rows = [tuple(r[k] for k in (VICTIM_COLUMNS if victims else ROW_COLUMNS)) for r in read_rows(path)]
     assert rows, f"{path} has no rows"
     orphans = [r for r in rows if r not in known]
     assert not orphans, f"{path}: rows no cell of {grids} produces (first: {orphans[0]})"
