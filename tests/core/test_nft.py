@@ -318,7 +318,14 @@ def test_nft_targeted_init_reports_the_suspects_and_refuses_unknown_inits(digits
     # No class stands out by a factor of 1e12: every perturbation starts random.
     res = NFT(**{**opts, "adv_init_margin": 1e12}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
     assert not res.info["suspected_targets"][0]["targeted_start"]
-    with pytest.raises(ValueError, match="adv_init must be 'random' or 'targeted'"):
+    # "auto" searches only on a split of at least adv_init_min_samples (this one has 50).
+    res = NFT(**{**opts, "adv_init": "auto", "adv_init_min_samples": 50}).run(_PlantedBackdoor(small_model),
+                                                                             image_adapter, clean, ctx)
+    assert res.info["suspected_targets"][0]["class"] == 3
+    res = NFT(**{**opts, "adv_init": "auto", "adv_init_min_samples": 51}).run(_PlantedBackdoor(small_model),
+                                                                             image_adapter, clean, ctx)
+    assert "suspected_targets" not in res.info
+    with pytest.raises(ValueError, match="adv_init must be 'random', 'targeted' or 'auto'"):
         NFT(**{**opts, "adv_init": "planted"}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
 
 
