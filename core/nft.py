@@ -630,6 +630,27 @@ def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.de
     trainer.suspects[0]["targeted_start"] = bool(outlier)
 
 
+def describe_suspects(defense_info: Dict[str, Any]) -> Optional[str]:
+    """One line on the targeted search's ranking in a purified run's ``defense_info`` (None without one).
+
+    A practitioner's question besides "is it gone": which class was the backdoor's target. The search
+    sends the clean split to each class with one universal perturbation; the easiest class is suspect.
+    """
+    found = defense_info.get("suspected_targets") or []
+    if not found:
+        return None
+    top = found[0]
+    ratio = (found[1]["loss"] / max(top["loss"], 1e-12)) if len(found) > 1 else float("inf")
+    head = f"targeted search: class {top['class']} is reached most easily (loss {top['loss']:.3g}"
+    if len(found) > 1:
+        head += f", {ratio:,.0f}x" if ratio >= 100 else f", {ratio:.2f}x"
+        head += f" below class {found[1]['class']}'s"
+    head += f"; {top['reach']:.1f}% of other classes' clean images sent to it)"
+    if top.get("targeted_start"):
+        return head + ": the suspected backdoor target; the perturbation started from it"
+    return head + ": no class stood out (ratio below adv_init_margin), so the perturbation started random"
+
+
 @DEFENSES.register("nft")
 class NFT(Defense):
     """Neural mask Fine-Tuning. Presets: ``official`` (released code), default (augmented)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.defenses.base import DefenseContext
-from core.nft import NFT, OFFICIAL, UniversalPerturbation, lr_at
+from core.nft import NFT, OFFICIAL, UniversalPerturbation, describe_suspects, lr_at
 from core.registry import DEFENSES
 
 
@@ -315,16 +315,21 @@ def test_nft_targeted_init_reports_the_suspects_and_refuses_unknown_inits(digits
     suspects = res.info["suspected_targets"]
     assert suspects[0]["class"] == 3 and set(suspects[0]) == {"class", "loss", "reach", "targeted_start"}
     assert suspects[0]["targeted_start"] and set(suspects[1]) == {"class", "loss", "reach"}
+    line = describe_suspects(res.info)   # what tools/purify.py and the demo print
+    assert "class 3 is reached most easily" in line and line.endswith("the perturbation started from it")
+    assert f"below class {suspects[1]['class']}'s" in line
     # No class stands out by a factor of 1e12: every perturbation starts random.
     res = NFT(**{**opts, "adv_init_margin": 1e12}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
     assert not res.info["suspected_targets"][0]["targeted_start"]
+    assert describe_suspects(res.info).endswith("no class stood out (ratio below adv_init_margin), "
+                                                "so the perturbation started random")
     # "auto" searches only on a split of at least adv_init_min_samples (this one has 50).
     res = NFT(**{**opts, "adv_init": "auto", "adv_init_min_samples": 50}).run(_PlantedBackdoor(small_model),
                                                                              image_adapter, clean, ctx)
     assert res.info["suspected_targets"][0]["class"] == 3
     res = NFT(**{**opts, "adv_init": "auto", "adv_init_min_samples": 51}).run(_PlantedBackdoor(small_model),
                                                                              image_adapter, clean, ctx)
-    assert "suspected_targets" not in res.info
+    assert "suspected_targets" not in res.info and describe_suspects(res.info) is None
     with pytest.raises(ValueError, match="adv_init must be 'random', 'targeted' or 'auto'"):
         NFT(**{**opts, "adv_init": "planted"}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
 
@@ -400,9 +405,13 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
     from core.nft import DEFAULTS, NFT
     from core.pipeline import make_defense
 
-    assert image_adapter.defense_defaults["nft"] == {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5}
+    assert image_adapter.defense_defaults["nft"] == {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5,
+                                                     "adv_init": "auto", "adv_init_margin": 2.0}
     cfg = make_defense(image_adapter, "nft").cfg
     assert cfg["bn_recalibrate"] == "shift" and cfg["recover_mixup_frac"] == 0.5
+    assert cfg["adv_init"] == "auto" and cfg["adv_init_margin"] == 2.0 and cfg["adv_init_min_samples"] == 100
+    # A grid entry pins the random start of sessions 7-16 for the rows that ran with it.
+    assert make_defense(image_adapter, "nft", {"adv_init": "random"}).cfg["adv_init"] == "random"
     # The core default alone (what image NFT ran before these settings) stays reachable by name.
     generic = {k: v for k, v in make_defense(image_adapter, "nft", preset="generic").cfg.items() if k != "preset"}
     assert generic == {k: v for k, v in NFT().cfg.items() if k != "preset"} == dict(DEFAULTS)
