@@ -208,6 +208,7 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
                             device=device, attack=attack, source=str(vrun.path), show_progress=show_progress,
                             before=before, plots=bool(out))
         res.pop("model", None)
+        res.pop("defense_info", None)
         row = {**row_key, **{k: res.get(k) for k in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after",
                                                     "ra_after", "der", "seconds")},
                "preset": d.get("preset") or "", "options": ";".join(f"{k}={v}" for k, v in (d.get("options") or {}).items()),

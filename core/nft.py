@@ -640,9 +640,9 @@ def describe_suspects(defense_info: Dict[str, Any]) -> Optional[str]:
     if not found:
         return None
     top = found[0]
-    ratio = (found[1]["loss"] / max(top["loss"], 1e-12)) if len(found) > 1 else float("inf")
     head = f"targeted search: class {top['class']} is reached most easily (loss {top['loss']:.3g}"
     if len(found) > 1:
+        ratio = found[1]["loss"] / max(top["loss"], 1e-12)
         head += f", {ratio:,.0f}x" if ratio >= 100 else f", {ratio:.2f}x"
         head += f" below class {found[1]['class']}'s"
     head += f"; {top['reach']:.1f}% of other classes' clean images sent to it)"

@@ -215,7 +215,8 @@ def purify_to_run(adapter: Modality, model: nn.Module, bundle: DataBundle, defen
                   device: Optional[torch.device] = None, attack: Optional[Attack] = None,
                   source: Optional[str] = None, show_progress: bool = True,
                   before: Optional[Dict[str, float]] = None, plots: bool = True) -> Dict[str, Any]:
-    """Purify ``model`` with one defense on the defender's clean split; write a run dir; return a result row.
+    """Purify ``model`` with one defense on the defender's clean split; write a run dir; return a result row
+    (plus ``model`` and ``defense_info``, which a caller pops before writing the row out).
 
     The defense sees only the model and clean data. ``attack`` (when known) is used for
     evaluation only.
@@ -250,5 +251,6 @@ def purify_to_run(adapter: Modality, model: nn.Module, bundle: DataBundle, defen
             plot_mask_distribution(result.extras["masks"], run.plots / "masks.png",
                                    lower=result.info.get("lower_bounds"), title=f"{name} masks per layer")
         row["run_dir"] = str(run.path)
-    row["model"] = result.model
+    # Objects for the caller, not CSV columns: the purified model and what the defense reported.
+    row["model"], row["defense_info"] = result.model, result.info
     return row

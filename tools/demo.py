@@ -18,7 +18,7 @@ from core.cli import add_config_args, config_from, print_table, run_main
 from core.pipeline import attack_from_run, get_or_train_victim, load_bundle, purify_to_run
 from core.plots import collect_features, plot_tsne
 from core.nft import describe_suspects
-from core.rundir import RunDir, write_csv, write_json
+from core.rundir import write_csv, write_json
 from core.utils import pick_device, seed_everything
 from modalities import get_modality
 
@@ -58,7 +58,7 @@ def main() -> None:
         row = purify_to_run(adapter, victim, bundle, spec, out / tag, model_spec=cfg["model"], seed=seed,
                             device=device, attack=attack, source=str(vrun.path), show_progress=show, before=before)
         models[d["label"]] = row.pop("model")
-        suspects = describe_suspects(RunDir(out / tag).info().get("defense_info") or {})
+        suspects = describe_suspects(row.pop("defense_info"))
         if suspects:
             print(f"  {suspects}")
         rows.append({"defense": d["label"], **row})

@@ -79,7 +79,7 @@ def main() -> None:
                         attack=attack, source=source, show_progress=not args.no_progress)
     print_table([row], ["defense", "preset", "clean_per_class", "acc_before", "asr_before", "acc_after", "asr_after",
                         "ra_after", "seconds", "speed", "run_dir"])
-    suspects = describe_suspects(RunDir(out).info().get("defense_info") or {})
+    suspects = describe_suspects(row.pop("defense_info"))
     if suspects:
         print(suspects)
 

@@ -42,6 +42,8 @@ def test_purify_and_evaluate_run_dir(victim_dir, tmp_path):
     proc = tool("tools/purify.py", "--run", str(victim_dir), "--defense", "nft", "--clean-per-class", "10",
                 "--set", "defense.options.steps=100", "defense.channels_last=true", "--out", str(out), "--no-progress")
     assert "nft" in proc.stdout and "fp32+channels_last" in proc.stdout
+    # 100 clean samples: the image default's targeted search runs, and the tool says what it ranked first.
+    assert "targeted search: class" in proc.stdout
     assert (out / "masks.safetensors").is_file() and (out / "log.csv").is_file() and (out / "plots" / "masks.png").is_file()
     info = json.loads((out / "run.json").read_text())
     assert info["kind"] == "purified" and len(info["clean_indices"]) == 100
