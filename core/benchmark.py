@@ -56,12 +56,15 @@ def expand_grid(grid: Dict[str, Any]) -> List[Dict[str, Any]]:
     g = grid.get("grid", {})
     bases = grid.get("bases") or [grid.get("base")]
     cells = []
-    for base, attack, defense, seed in itertools.product(
-            bases, g.get("attack", [None]), g.get("defense", [{"name": "nft"}]), g.get("seed", [0])):
-        # A defense entry may narrow the clean-split sizes it runs at.
-        for per in defense.get("clean_per_class", g.get("clean_per_class", [60])):
-            d = {k: v for k, v in defense.items() if k != "clean_per_class"}
-            cells.append({"base": base, "attack": attack, "defense": d, "clean_per_class": int(per), "seed": int(seed)})
+    for base, attack, defense in itertools.product(
+            bases, g.get("attack", [None]), g.get("defense", [{"name": "nft"}])):
+        # A defense entry may narrow the seeds and clean-split sizes it runs at (e.g. NFT on three seeds,
+        # an hour-long baseline on one).
+        d = {k: v for k, v in defense.items() if k not in ("clean_per_class", "seed")}
+        for seed, per in itertools.product(defense.get("seed", g.get("seed", [0])),
+                                           defense.get("clean_per_class", g.get("clean_per_class", [60]))):
+            cells.append({"base": base, "attack": attack, "defense": dict(d), "clean_per_class": int(per),
+                          "seed": int(seed)})
     return cells
 
 

@@ -205,6 +205,15 @@ def speed_options(defense: Dict[str, Any], device: torch.device) -> Dict[str, bo
     return out
 
 
+def defense_speed(adapter: Modality, defense: Dict[str, Any]) -> Dict[str, Any]:
+    """The speed keys a defense runs with before :func:`speed_options` resolves them: the modality's measured
+    default for this defense (``adapter.defense_speed``; none under a named preset), then what the config sets
+    (a key set to ``null`` counts as unset)."""
+    name = defense.get("name", "nft")
+    base = {} if defense.get("preset") else dict(adapter.defense_speed.get(name, {}))
+    return {**base, **{k: defense[k] for k in SPEED_KEYS if defense.get(k) is not None}}
+
+
 def speed_label(speed: Dict[str, bool]) -> str:
     """``bf16+channels_last``, ``fp32``, ...: how a row's defense computed (its seconds depend on it)."""
     return ("bf16" if speed.get("autocast") else "fp32") + ("+channels_last" if speed.get("channels_last") else "")
@@ -225,7 +234,7 @@ def purify_to_run(adapter: Modality, model: nn.Module, bundle: DataBundle, defen
     name = defense.get("name", "nft")
     per_class = int(defense.get("clean_per_class", 60))
     clean, idx = adapter.clean_split(bundle, per_class, seed)
-    speed = speed_options(defense, device)
+    speed = speed_options(defense_speed(adapter, defense), device)
     if before is None:
         before = adapter.evaluate(model, bundle.test, attack, device=device)
     ctx = DefenseContext(device=device, seed=seed, clean_per_class=per_class, show_progress=show_progress, **speed)

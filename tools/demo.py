@@ -63,11 +63,11 @@ def main() -> None:
             print(f"  {suspects}")
         rows.append({"defense": d["label"], **row})
     table = [{"defense": "no defense", "acc_after": before["acc"], "asr_after": before["asr"],
-              "ra_after": before["ra"], "seconds": None}] + rows
+              "ra_after": before["ra"], "seconds": None, "speed": None}] + rows
     print()
-    print_table(table, ["defense", "acc_after", "asr_after", "ra_after", "seconds"])
+    print_table(table, ["defense", "acc_after", "asr_after", "ra_after", "seconds", "speed"])
     write_csv(out / "summary.csv", table, ["defense", "clean_per_class", "acc_after", "asr_after", "ra_after", "der",
-                                           "seconds", "run_dir"])
+                                           "seconds", "speed", "run_dir"])
     write_json(out / "summary.json", {"victim": str(vrun.path), "before": before, "rows": table})
     if not args.skip_tsne:
         panels = []

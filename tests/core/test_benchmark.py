@@ -91,6 +91,18 @@ def test_shipped_grid_file_expands():
     assert len(cells) == 2 * (2 + 2 + 2 + 1)  # nft, ft, nft[generic] at 60 and 1 per class; official at 60
 
 
+def test_a_defense_entry_narrows_its_seeds_and_split_sizes():
+    grid = {"base": "configs/image/digits_badnets.yaml",
+            "grid": {"attack": [{"name": "badnets"}], "seed": [0],
+                     "defense": [{"name": "nft", "seed": [0, 1, 2]}, {"name": "anp", "clean_per_class": [1]}]}}
+    cells = [(c["defense"]["name"], c["seed"], c["clean_per_class"]) for c in expand_grid(grid)]
+    assert cells == [("nft", 0, 60), ("nft", 1, 60), ("nft", 2, 60), ("anp", 0, 1)]
+    assert all("seed" not in c["defense"] and "clean_per_class" not in c["defense"] for c in expand_grid(grid))
+    cmp = expand_grid(yaml.safe_load(open("configs/benchmarks/image_fashionmnist_compare.yaml")))
+    assert sorted({c["seed"] for c in cmp if c["defense"]["name"] != "nft"}) == [0]
+    assert sorted({c["seed"] for c in cmp if c["defense"] == {"name": "nft"}}) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs/benchmarks").glob("*.yaml")))
 def test_every_shipped_grid_names_registered_defenses_with_known_options(path):
     # A typo in a grid's options would otherwise surface only hours into a benchmark run.

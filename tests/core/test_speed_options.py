@@ -75,3 +75,23 @@ def test_grid_entry_speed_keys_reach_the_defense_get_their_own_label_and_are_rec
              echo=lambda *_: None)
     rows = {r["defense"]: r for r in read_rows(tmp_path / "r.csv")}
     assert rows["ft"]["speed"] == "fp32" and rows["ft+channels_last"]["speed"] == "fp32+channels_last"
+
+
+def test_a_modality_measured_speed_default_applies_unless_the_config_or_a_preset_says_otherwise():
+    from core.pipeline import defense_speed
+
+    image = get_modality("image")
+    # Image NFT: bf16 (where native) + channels_last by default; baselines keep fp32 (none set).
+    assert defense_speed(image, {"name": "nft"}) == {"autocast": "auto", "channels_last": True}
+    assert speed_options(defense_speed(image, {"name": "nft"}), CPU) == {"autocast": bf16_is_fast(CPU),
+                                                                         "channels_last": True}
+    assert defense_speed(image, {"name": "ft"}) == {} and speed_options({}, CPU)["autocast"] is False
+    # What the config sets wins, and null counts as unset.
+    assert defense_speed(image, {"name": "nft", "autocast": False}) == {"autocast": False, "channels_last": True}
+    assert defense_speed(image, {"name": "nft", "autocast": None, "channels_last": False}) == \
+        {"autocast": "auto", "channels_last": False}
+    # A named preset (official, generic) computes as it always did: fp32 unless the config says otherwise.
+    assert defense_speed(image, {"name": "nft", "preset": "official"}) == {}
+    assert defense_speed(image, {"name": "nft", "preset": "generic", "channels_last": True}) == {"channels_last": True}
+    # Video measured no speed default.
+    assert defense_speed(get_modality("video"), {"name": "nft"}) == {}

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.utils import bf16_is_fast
+
 ROOT = Path(__file__).resolve().parents[2]
 CFG = "configs/image/digits_badnets.yaml"
 
@@ -40,14 +42,16 @@ def test_attack_writes_a_safe_run_dir(victim_dir):
 def test_purify_and_evaluate_run_dir(victim_dir, tmp_path):
     out = tmp_path / "nft"
     proc = tool("tools/purify.py", "--run", str(victim_dir), "--defense", "nft", "--clean-per-class", "10",
-                "--set", "defense.options.steps=100", "defense.channels_last=true", "--out", str(out), "--no-progress")
-    assert "nft" in proc.stdout and "fp32+channels_last" in proc.stdout
+                "--set", "defense.options.steps=100", "--out", str(out), "--no-progress")
+    # The image NFT default computes in bf16 + channels_last where bf16 is native, fp32 + channels_last elsewhere.
+    bf16 = bf16_is_fast(torch.device("cpu"))
+    assert "nft" in proc.stdout and ("bf16" if bf16 else "fp32") + "+channels_last" in proc.stdout
     # 100 clean samples: the image default's targeted search runs, and the tool says what it ranked first.
     assert "targeted search: class" in proc.stdout
     assert (out / "masks.safetensors").is_file() and (out / "log.csv").is_file() and (out / "plots" / "masks.png").is_file()
     info = json.loads((out / "run.json").read_text())
     assert info["kind"] == "purified" and len(info["clean_indices"]) == 100
-    assert info["speed"] == {"autocast": False, "channels_last": True}
+    assert info["speed"] == {"autocast": bf16, "channels_last": True}
     proc = tool("tools/evaluate.py", "--run", str(out), "--attack-from", str(victim_dir))
     assert "asr" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
