@@ -203,7 +203,8 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
         base_defense = cfg.get("defense") or {}
         defense = {"name": d["name"], "preset": d.get("preset"), "options": d.get("options") or {},
                    "clean_per_class": cell["clean_per_class"],
-                   **{k: d.get(k, base_defense.get(k, False)) for k in SPEED_KEYS}}
+                   # unset stays unset (None), so the modality's measured default (adapter.defense_speed) applies
+                   **{k: d.get(k, base_defense.get(k)) for k in SPEED_KEYS}}
         out = None
         if runs_root:
             out = Path(runs_root) / f"{row_key['dataset']}-{attack_label}-{label}-n{cell['clean_per_class']}-s{cell['seed']}"
