@@ -122,6 +122,17 @@ OFFICIAL: Dict[str, Any] = {
     # The stopping rule needs a split that can measure a point of accuracy: on 10 images (one per
     # class) one image is 10 points, so the rule fires on noise. Smaller splits run the whole recovery.
     "recover_check_min_samples": 100,
+    # Where the defense computes in bf16: whether the targeted search's descent (search_autocast) and the
+    # recovery stop's clean-split checks (checks_autocast) do too; false keeps them fp32, as until session 18.
+    # Together they were 40% of an image NFT run in fp32 (README, Issue 4's run of session 19).
+    "search_autocast": True, "checks_autocast": True,
+    # Recovery watch (clean data only; needs the targeted start, i.e. a suspected target t and its
+    # perturbation delta_t found on the victim): at each recovery check, which clean images of other
+    # classes delta_t sends to t, against phase one's end. If significantly more (one-sided sign test on
+    # the images that changed, p < this), recovery is re-opening the trigger: restore the masks of the
+    # previous check and stop. 0 = off. Why: recovery gives back accuracy and, on some victims, the trigger
+    # with it (README, "Where the Blend ASR comes back"); the victim's own delta_t follows the test ASR.
+    "recover_watch": 0.0,
 }
 
 DEFAULTS: Dict[str, Any] = {
@@ -195,7 +206,8 @@ def norm_reference(model: nn.Module, adapter: Modality, data: Dataset, device: t
 def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
                            batch_size: int = 256, channels_last: bool = False,
                            reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
-                           shift_check_alpha: float = 0.0, shift_check_margin: float = 0.0) -> Dict[str, Any]:
+                           shift_check_alpha: float = 0.0, shift_check_margin: float = 0.0,
+                           use_autocast: bool = False) -> Dict[str, Any]:
     """Replace BN running statistics by their plain average over ``data`` (clean, unaugmented).
 
     After training in train mode, the running statistics follow the mixed, augmented batches;
@@ -225,7 +237,8 @@ def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, d
     model.train()
     for batch in adapter.loader(data, batch_size):
         x = to_memory_format(model, adapter.to_device(batch[0], device), channels_last)
-        adapter.forward(model, x)
+        with autocast(device, use_autocast):
+            adapter.forward(model, x)
     for m, mom in saved:
         m.momentum = mom
     model.train(was)
@@ -234,7 +247,7 @@ def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, d
     check = shift_check_alpha > 0
     if check:
         full_stats = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
-        right_full = correct_predictions(model, adapter, data, device, channels_last)
+        right_full = correct_predictions(model, adapter, data, device, channels_last, use_autocast)
     for name, ref in reference.items():
         m = norms.get(name)
         if m is None or m.running_mean.shape != ref["running_mean"].shape:
@@ -256,7 +269,7 @@ def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, d
         m.running_var.copy_(torch.where(consistent, shifted_var, m.running_var))
     if not check:
         return {"mode": "shift"}
-    right_shift = correct_predictions(model, adapter, data, device, channels_last)
+    right_shift = correct_predictions(model, adapter, data, device, channels_last, use_autocast)
     full_only, shift_only = int((right_full & ~right_shift).sum()), int((right_shift & ~right_full).sum())
     p = sign_test_p(full_only, shift_only)
     gap = 100.0 * (full_only - shift_only) / max(len(right_full), 1)
@@ -283,14 +296,15 @@ def sign_test_p(wins: int, losses: int) -> float:
 
 @torch.no_grad()
 def correct_predictions(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
-                        channels_last: bool = False) -> torch.Tensor:
+                        channels_last: bool = False, use_autocast: bool = False) -> torch.Tensor:
     """Per sample of ``data`` (as given, in order), whether the model in eval mode predicts its label."""
     was = model.training
     model.eval()
     right = [torch.zeros(0, dtype=torch.bool)]
     for batch in adapter.loader(data, 256):
         x, y = adapter.to_device(batch[0], device), batch[1].to(device)
-        right.append((adapter.predict(model, to_memory_format(model, x, channels_last)) == y).cpu())
+        with autocast(device, use_autocast):
+            right.append((adapter.predict(model, to_memory_format(model, x, channels_last)) == y).cpu())
     model.train(was)
     return torch.cat(right)
 
@@ -299,7 +313,7 @@ def correct_predictions(model: nn.Module, adapter: Modality, data: Dataset, devi
 def clean_accuracy(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
                    recalibrate: bool = False, reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
                    shift_check_alpha: float = 0.0, shift_check_margin: float = 0.0,
-                   channels_last: bool = False) -> float:
+                   channels_last: bool = False, use_autocast: bool = False) -> float:
     """Accuracy (%) on ``data`` as given (no augmentation), in eval mode; optionally after BN recalibration.
 
     Recalibration works on a copy, so the model being trained keeps its running statistics.
@@ -307,10 +321,41 @@ def clean_accuracy(model: nn.Module, adapter: Modality, data: Dataset, device: t
     if recalibrate:
         model = copy.deepcopy(model)
         done = recalibrate_norm_stats(model, adapter, data, device, reference=reference, channels_last=channels_last,
-                                      shift_check_alpha=shift_check_alpha, shift_check_margin=shift_check_margin)
+                                      shift_check_alpha=shift_check_alpha, shift_check_margin=shift_check_margin,
+                                      use_autocast=use_autocast)
         if "split_acc" in done:
             return done["split_acc"]
-    return _percent(correct_predictions(model, adapter, data, device, channels_last))
+    return _percent(correct_predictions(model, adapter, data, device, channels_last, use_autocast))
+
+
+@torch.no_grad()
+def suspect_hits(model: nn.Module, adapter: Modality, data: Dataset, target: int, delta: torch.Tensor,
+                 device: torch.device, channels_last: bool = False, use_autocast: bool = False) -> torch.Tensor:
+    """Per sample of ``data`` not of class ``target`` (in order), whether ``delta`` sends it to ``target`` (eval mode)."""
+    was = model.training
+    model.eval()
+    hits = [torch.zeros(0, dtype=torch.bool)]
+    for batch in adapter.loader(data, 256):
+        x, y = adapter.to_device(batch[0], device), batch[1].to(device)
+        keep = y != target
+        if keep.any():
+            x = to_memory_format(model, adapter.perturb(x[keep], delta), channels_last)
+            with autocast(device, use_autocast):
+                hits.append((adapter.predict(model, x) == target).cpu())
+    model.train(was)
+    return torch.cat(hits)
+
+
+def checked_copy(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
+                 reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, channels_last: bool = False,
+                 use_autocast: bool = False, **shift_check: float) -> tuple:
+    """A copy of the model with recalibrated BN statistics (as NFT would return it) and its accuracy on ``data``."""
+    ev = copy.deepcopy(model)
+    done = recalibrate_norm_stats(ev, adapter, data, device, reference=reference, channels_last=channels_last,
+                                  use_autocast=use_autocast, **shift_check)
+    acc = done["split_acc"] if "split_acc" in done else _percent(
+        correct_predictions(ev, adapter, data, device, channels_last, use_autocast))
+    return ev, acc
 
 
 class UniversalPerturbation:
@@ -353,12 +398,15 @@ class UniversalPerturbation:
 
 def targeted_perturbation_search(model: nn.Module, adapter: Modality, clean: Dataset, shape: tuple, eps: float,
                                  norm: str, steps: int, samples: int, device: torch.device,
-                                 generator: torch.Generator) -> List[Dict[str, Any]]:
+                                 generator: torch.Generator, *, use_autocast: bool = False,
+                                 channels_last: bool = False) -> List[Dict[str, Any]]:
     """One targeted universal perturbation per class on (a seeded subset of) the clean split.
 
     The model is frozen and in eval mode; each perturbation descends the cross-entropy toward its
     class with sign steps of eps/8 (projected). Returns one record per class, easiest first:
     ``{"class", "loss", "reach"}`` (reach: % of inputs of other classes sent to it) plus ``"delta"``.
+    ``use_autocast`` / ``channels_last``: the descent computes as the mask training does (a sign step
+    needs only the gradient's sign); the ranking's losses stay fp32, as they run down to 1e-7.
     """
     n = len(clean)
     idx = torch.randperm(n, generator=generator)[:min(max(int(samples), 1), n)].tolist()
@@ -381,12 +429,14 @@ def targeted_perturbation_search(model: nn.Module, adapter: Modality, clean: Dat
             probe = UniversalPerturbation(shape, eps, lr, norm, device, generator)
             target = torch.full_like(y, k)
             for _ in range(int(steps)):
-                loss = adapter.criterion(adapter.forward(model, adapter.perturb(x, probe.delta)), target)
+                with autocast(device, use_autocast):
+                    out = adapter.forward(model, to_memory_format(model, adapter.perturb(x, probe.delta), channels_last))
+                loss = adapter.criterion(out.float(), target)
                 probe.delta.grad, = torch.autograd.grad(loss, probe.delta)
                 probe.delta.grad.neg_()           # ascend() climbs; toward the class is downhill
                 probe.ascend()
             with torch.no_grad():
-                logits = adapter.forward(model, adapter.perturb(x, probe.delta))
+                logits = adapter.forward(model, to_memory_format(model, adapter.perturb(x, probe.delta), channels_last))
                 loss = float(adapter.criterion(logits, target))
                 others = y != k
                 reach = float((logits.argmax(1)[others] == k).float().mean() * 100) if others.any() else 0.0
@@ -476,6 +526,8 @@ class MaskTrainer:
         self.recover_adv = mode or False
         # Classes ranked by a targeted search (adv_init: targeted), easiest first; see start_perturbations.
         self.suspects: List[Dict[str, Any]] = []
+        # The suspected target and its perturbation on the victim, when the targeted start was taken.
+        self.suspect: Optional[Dict[str, Any]] = None
         model.train(cfg["bn_mode"] == "train")
 
     @property
@@ -621,11 +673,14 @@ def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.de
         return
     u0 = trainer.uaps[0]
     found = targeted_perturbation_search(trainer.model, trainer.adapter, clean, u0.shape, u0.eps, u0.norm,
-                                         int(c["adv_init_steps"]), int(c["adv_init_samples"]), device, trainer.g)
+                                         int(c["adv_init_steps"]), int(c["adv_init_samples"]), device, trainer.g,
+                                         use_autocast=trainer.use_autocast and bool(c.get("search_autocast", True)),
+                                         channels_last=trainer.channels_last)
     outlier = len(found) < 2 or found[1]["loss"] >= float(c["adv_init_margin"]) * found[0]["loss"]
     if outlier:
         for u, rec in zip(trainer.uaps[:max(int(c["adv_init_top"]), 0)], found):
             u.delta = rec["delta"].clone().requires_grad_(True)
+        trainer.suspect = {"class": int(found[0]["class"]), "delta": found[0]["delta"].detach().clone()}
     trainer.suspects = [{k: v for k, v in r.items() if k != "delta"} for r in found]
     trainer.suspects[0]["targeted_start"] = bool(outlier)
 
@@ -670,26 +725,65 @@ class NFT(Defense):
         masks = trainer.masks
         main_steps = int(c["steps"])
         target_acc = None
+        check_bf16 = bool(ctx.autocast) and bool(c.get("checks_autocast"))
         if (int(c["recover_steps"]) > 0 and float(c["recover_tolerance"]) >= 0
                 and len(clean) >= int(c["recover_check_min_samples"])):
             with torch.no_grad():
                 masks.fill_(1.0)
-                target_acc = clean_accuracy(model, adapter, clean, ctx.device,
-                                            channels_last=ctx.channels_last) - float(c["recover_tolerance"])
+                target_acc = clean_accuracy(model, adapter, clean, ctx.device, channels_last=ctx.channels_last,
+                                            use_autocast=check_bf16) - float(c["recover_tolerance"])
         log: List[Dict[str, Any]] = []
+        watch_alpha = float(c.get("recover_watch") or 0.0)
+        if not 0.0 <= watch_alpha <= 1.0:
+            raise ValueError(f"nft.recover_watch is a significance level in [0, 1] (0 = off), got {watch_alpha}")
+        watching = watch_alpha > 0 and target_acc is not None and trainer.suspect is not None
+        watch: Dict[str, Any] = {"alpha": watch_alpha, "active": watching}
+        speed = {"channels_last": ctx.channels_last, "use_autocast": check_bf16}
+
+        def state() -> Dict[str, torch.Tensor]:   # masks and BN buffers: what a restore needs
+            return {**{f"mask:{k}": v for k, v in masks.state_dict().items()},
+                    **{k: b.detach().clone() for k, b in model.named_buffers()}}
+
+        def restore(saved: Dict[str, torch.Tensor]) -> None:
+            masks.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("mask:")})
+            with torch.no_grad():
+                for k, b in model.named_buffers():
+                    b.copy_(saved[k])
+
+        def check() -> tuple:
+            ev, acc = checked_copy(model, adapter, clean, ctx.device, reference, **speed, **shift_check_of(c))
+            hits = (suspect_hits(ev, adapter, clean, trainer.suspect["class"], trainer.suspect["delta"], ctx.device,
+                                 **speed) if watching else None)
+            model.train(c["bn_mode"] == "train")
+            return acc, hits
+
         t0 = time.perf_counter()
         bar = progress(loader, total=steps, desc="nft", enabled=ctx.show_progress)
         for step, batch in enumerate(bar):
             x, y = adapter.to_device(batch[0], ctx.device), batch[1].to(ctx.device)
             out = trainer.step(x, y, step)
             done_recovering = False
+            if watching and step == main_steps - 1:
+                _, watch["reference"] = check()   # what delta_t reaches when phase one ends
+                watch["saved"] = (step + 1, state())
+                log.append({"step": step + 1, "suspect_reach": _percent(watch["reference"])})
             if target_acc is not None and step >= main_steps and (step + 1 - main_steps) % int(c["recover_check_every"]) == 0:
-                acc = clean_accuracy(model, adapter, clean, ctx.device, recalibrate=True, reference=reference,
-                                     channels_last=ctx.channels_last,
-                                     **shift_check_of(c))
-                model.train(c["bn_mode"] == "train")
-                log.append({"step": step + 1, "clean_split_acc": acc, "target_acc": target_acc})
+                acc, hits = check()
+                row = {"step": step + 1, "clean_split_acc": acc, "target_acc": target_acc}
                 done_recovering = acc >= target_acc
+                if hits is not None:
+                    ref = watch["reference"]
+                    gained, lost = int((hits & ~ref).sum()), int((ref & ~hits).sum())
+                    p = sign_test_p(gained, lost)
+                    row.update(suspect_reach=_percent(hits), watch_p=p)
+                    if p < watch_alpha:
+                        at, saved = watch["saved"]
+                        restore(saved)
+                        watch.update(fired_at=step + 1, restored_step=at, p=p, gained=gained, lost=lost)
+                        done_recovering = True
+                    else:
+                        watch["saved"] = (step + 1, state())
+                log.append(row)
             if step % 10 == 0 or step == steps - 1:
                 loss = out["loss"].item()
                 if not math.isfinite(loss):
@@ -714,6 +808,8 @@ class NFT(Defense):
                              info={"config": dict(c), "units": trainer.units, "lower_bounds": trainer.lower,
                                    "num_masks": int(sum(v.numel() for v in mask_values.values())),
                                    "bn_recalibration": recalibration,
+                                   **({"recover_watch": {k: v for k, v in watch.items() if k not in ("reference", "saved")}}
+                                      if watch_alpha > 0 else {}),
                                    **({"suspected_targets": trainer.suspects[:3]} if trainer.suspects else {})})
 
 

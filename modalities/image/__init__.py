@@ -57,8 +57,9 @@ class ImageModality(Modality):
     defense_defaults = {"nft": {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5,
                                 "adv_init": "auto", "adv_init_margin": 2.0}}
     # NFT in bf16 + channels_last where bf16 is native (session 12: mean ACC / ASR on three seeds of both
-    # design victims within 0.13 points of fp32, 2.3x faster, with the random start; with the targeted start
-    # not yet measured: configs/benchmarks/image_fashionmnist_compare.yaml).
+    # design victims within 0.13 points of fp32, 2.3x faster, with the random start; session 19, targeted
+    # start: means within 0.09 on BadNets, Blend's within its 7-20% seed spread, 2.1x faster:
+    # configs/benchmarks/image_fashionmnist_compare.yaml).
     # Elsewhere "auto" is fp32, with channels_last (11% faster, same results). Baselines stay fp32: bf16 moved
     # some of their results (AWM on Blend 43.57 -> 76.58% ASR).
     defense_speed = {"nft": {"autocast": "auto", "channels_last": True}}

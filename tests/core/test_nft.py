@@ -170,6 +170,28 @@ def test_trace_follows_the_defense_and_interpolates_between_victim_and_result(di
     assert abs(rows[3]["acc"] - acc(victim)["acc"]) < 1e-9
 
 
+def test_recovery_checks_compute_as_the_mask_training_unless_pinned_to_fp32(digits, image_adapter, small_model,
+                                                                            monkeypatch):
+    import core.nft as nft_module
+
+    seen = []
+    real = nft_module.clean_accuracy
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("use_autocast"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nft_module, "clean_accuracy", recording)
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    opts = {"steps": 4, "recover_steps": 4, "recover_check_every": 2, "batch_size": 16, "recover_check_min_samples": 50}
+    for pinned, ctx_bf16, expected in ((False, True, False), (True, True, True), (True, False, False)):
+        seen.clear()
+        NFT(**opts, checks_autocast=pinned).run(copy.deepcopy(small_model), image_adapter, clean,
+                                                DefenseContext(clean_per_class=5, show_progress=False,
+                                                               autocast=ctx_bf16))
+        assert seen and all(v is expected for v in seen), (pinned, ctx_bf16, seen)
+
+
 def test_recovery_runs_to_the_end_when_the_split_is_too_small_to_measure(digits, image_adapter, small_model):
     clean, _ = image_adapter.clean_split(digits, 5, 0)  # 50 images: one image is 2 points
     opts = {"steps": 10, "recover_steps": 20, "recover_check_every": 5, "batch_size": 16}
@@ -304,6 +326,53 @@ def test_targeted_search_ranks_the_planted_target_first_and_leaves_the_model_as_
     assert float(found[0]["delta"].abs().max()) <= 0.5 + 1e-6
     assert model.training and all(p.requires_grad for p in model.parameters())
     torch.testing.assert_close(found[0]["delta"], runs[1][0]["delta"])  # seeded
+    # The descent in bf16 + channels_last (how image NFT computes where bf16 is native) finds the same target,
+    # with the ranking's losses still in fp32.
+    fast = targeted_perturbation_search(model, image_adapter, clean, (1, 8, 8), 0.5, "linf", 10, 32,
+                                        torch.device("cpu"), torch.Generator().manual_seed(0), use_autocast=True,
+                                        channels_last=True)
+    assert fast[0]["class"] == 3 and fast[0]["reach"] >= 95 and all(isinstance(r["loss"], float) for r in fast)
+
+
+def test_recovery_watch_restores_the_last_check_before_the_suspect_reach_rose(digits, image_adapter, small_model,
+                                                                             monkeypatch):
+    from torch.nn.utils import parametrize
+
+    import core.nft as nft_module
+
+    clean, _ = image_adapter.clean_split(digits, 10, 0)   # 100 images: the recovery checks run
+    ctx = DefenseContext(clean_per_class=10, show_progress=False)
+    opts = {"steps": 4, "recover_steps": 6, "recover_check_every": 2, "recover_tolerance": -0.0, "batch_size": 16,
+            "adv_init": "targeted", "adv_init_steps": 5, "recover_watch": 0.01}
+    # The planted path is outside every mask, so delta_3 reaches class 3 throughout: the watch never fires.
+    res = NFT(**opts).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
+    watch = res.info["recover_watch"]
+    assert watch["active"] and "fired_at" not in watch
+    reach = [r for r in res.log if "suspect_reach" in r]
+    assert reach[0]["step"] == 4 and all(r["suspect_reach"] >= 95 for r in reach) and len(reach) >= 2
+    # A reach that rises after phase one (forced here): the masks of the last check before it are returned.
+    seen = []
+
+    def rising(model, adapter, data, target, delta, device, **kw):
+        seen.append({n: m.parametrizations.weight[0].mask.detach().clone() for n, m in model.named_modules()
+                     if parametrize.is_parametrized(m, "weight")})
+        n = int(sum(int((b[1] != target).sum()) for b in adapter.loader(data, 256)))
+        return torch.full((n,), len(seen) > 2, dtype=torch.bool)
+
+    monkeypatch.setattr(nft_module, "suspect_hits", rising)
+    real_check = nft_module.checked_copy
+    monkeypatch.setattr(nft_module, "checked_copy", lambda *a, **k: (real_check(*a, **k)[0], -1.0))  # no accuracy stop
+    res = NFT(**opts).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
+    watch = res.info["recover_watch"]
+    assert (watch["fired_at"], watch["restored_step"]) == (8, 6) and watch["p"] < 0.01 and watch["lost"] == 0
+    for name, mask in res.extras["masks"].items():
+        torch.testing.assert_close(mask, seen[1][name])   # the check at step 6
+    assert res.log[-1]["step"] == 8 or all(r["step"] <= 8 for r in res.log)
+    # Off (the default): no watch, no reach in the log.
+    res = NFT(**{**opts, "recover_watch": 0.0}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
+    assert "recover_watch" not in res.info and not any("suspect_reach" in r for r in res.log)
+    with pytest.raises(ValueError, match="recover_watch is a significance level"):
+        NFT(**{**opts, "recover_watch": 5}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
 
 
 def test_nft_targeted_init_reports_the_suspects_and_refuses_unknown_inits(digits, image_adapter, small_model):
