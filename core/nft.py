@@ -311,20 +311,8 @@ def correct_predictions(model: nn.Module, adapter: Modality, data: Dataset, devi
 
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
-                   recalibrate: bool = False, reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
-                   shift_check_alpha: float = 0.0, shift_check_margin: float = 0.0,
                    channels_last: bool = False, use_autocast: bool = False) -> float:
-    """Accuracy (%) on ``data`` as given (no augmentation), in eval mode; optionally after BN recalibration.
-
-    Recalibration works on a copy, so the model being trained keeps its running statistics.
-    """
-    if recalibrate:
-        model = copy.deepcopy(model)
-        done = recalibrate_norm_stats(model, adapter, data, device, reference=reference, channels_last=channels_last,
-                                      shift_check_alpha=shift_check_alpha, shift_check_margin=shift_check_margin,
-                                      use_autocast=use_autocast)
-        if "split_acc" in done:
-            return done["split_acc"]
+    """Accuracy (%) on ``data`` as given (no augmentation), in eval mode (after BN recalibration: :func:`checked_copy`)."""
     return _percent(correct_predictions(model, adapter, data, device, channels_last, use_autocast))
 
 
@@ -349,7 +337,10 @@ def suspect_hits(model: nn.Module, adapter: Modality, data: Dataset, target: int
 def checked_copy(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
                  reference: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, channels_last: bool = False,
                  use_autocast: bool = False, **shift_check: float) -> tuple:
-    """A copy of the model with recalibrated BN statistics (as NFT would return it) and its accuracy on ``data``."""
+    """A copy of the model with recalibrated BN statistics (as NFT would return it) and its accuracy on ``data``.
+
+    The copy keeps the model being trained from losing its running statistics.
+    """
     ev = copy.deepcopy(model)
     done = recalibrate_norm_stats(ev, adapter, data, device, reference=reference, channels_last=channels_last,
                                   use_autocast=use_autocast, **shift_check)
@@ -518,6 +509,8 @@ class MaskTrainer:
             self.uaps = [UniversalPerturbation(tuple(shape), float(cfg["adv_eps"]), float(cfg["adv_lr"]),
                                                cfg["adv_norm"], device, generator) for _ in range(count)]
         recover_lr_at(0, cfg)   # an unknown recovery schedule fails here, not after the main phase
+        if not 0.0 <= float(cfg["recover_watch"]) <= 1.0:
+            raise ValueError(f"nft.recover_watch is a significance level in [0, 1] (0 = off), got {cfg['recover_watch']}")
         if not 0.0 <= float(cfg["recover_mixup_frac"]) <= 1.0:
             raise ValueError(f"nft.recover_mixup_frac must be in [0, 1], got {cfg['recover_mixup_frac']}")
         mode = "frozen" if cfg["recover_adv"] is True else cfg["recover_adv"]
@@ -674,7 +667,7 @@ def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.de
     u0 = trainer.uaps[0]
     found = targeted_perturbation_search(trainer.model, trainer.adapter, clean, u0.shape, u0.eps, u0.norm,
                                          int(c["adv_init_steps"]), int(c["adv_init_samples"]), device, trainer.g,
-                                         use_autocast=trainer.use_autocast and bool(c.get("search_autocast", True)),
+                                         use_autocast=trainer.use_autocast and bool(c["search_autocast"]),
                                          channels_last=trainer.channels_last)
     outlier = len(found) < 2 or found[1]["loss"] >= float(c["adv_init_margin"]) * found[0]["loss"]
     if outlier:
@@ -725,7 +718,7 @@ class NFT(Defense):
         masks = trainer.masks
         main_steps = int(c["steps"])
         target_acc = None
-        check_bf16 = bool(ctx.autocast) and bool(c.get("checks_autocast"))
+        check_bf16 = bool(ctx.autocast) and bool(c["checks_autocast"])
         if (int(c["recover_steps"]) > 0 and float(c["recover_tolerance"]) >= 0
                 and len(clean) >= int(c["recover_check_min_samples"])):
             with torch.no_grad():
@@ -733,9 +726,7 @@ class NFT(Defense):
                 target_acc = clean_accuracy(model, adapter, clean, ctx.device, channels_last=ctx.channels_last,
                                             use_autocast=check_bf16) - float(c["recover_tolerance"])
         log: List[Dict[str, Any]] = []
-        watch_alpha = float(c.get("recover_watch") or 0.0)
-        if not 0.0 <= watch_alpha <= 1.0:
-            raise ValueError(f"nft.recover_watch is a significance level in [0, 1] (0 = off), got {watch_alpha}")
+        watch_alpha = float(c["recover_watch"])
         watching = watch_alpha > 0 and target_acc is not None and trainer.suspect is not None
         watch: Dict[str, Any] = {"alpha": watch_alpha, "active": watching}
         speed = {"channels_last": ctx.channels_last, "use_autocast": check_bf16}

@@ -182,6 +182,13 @@ def test_recovery_checks_compute_as_the_mask_training_unless_pinned_to_fp32(digi
         return real(*args, **kwargs)
 
     monkeypatch.setattr(nft_module, "clean_accuracy", recording)
+    real_copy = nft_module.checked_copy
+
+    def recording_copy(*args, **kwargs):   # the recovery checks
+        seen.append(kwargs.get("use_autocast"))
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(nft_module, "checked_copy", recording_copy)
     clean, _ = image_adapter.clean_split(digits, 5, 0)
     opts = {"steps": 4, "recover_steps": 4, "recover_check_every": 2, "batch_size": 16, "recover_check_min_samples": 50}
     for pinned, ctx_bf16, expected in ((False, True, False), (True, True, True), (True, False, False)):
