@@ -133,6 +133,11 @@ OFFICIAL: Dict[str, Any] = {
     # previous check and stop. 0 = off. Why: recovery gives back accuracy and, on some victims, the trigger
     # with it (README, "Where the Blend ASR comes back"); the victim's own delta_t follows the test ASR.
     "recover_watch": 0.0,
+    # Weight of a term that pushes the perturbed share away from the suspected target t (needs the targeted
+    # start): masks descend -log(1 - p_t); the perturbation ascends it, so it keeps moving toward t. 0 = off.
+    "adv_target_weight": 0.0,
+    # Ascent step of a perturbation that started targeted (None = adv_lr; 0 = it stays the victim's delta_t).
+    "adv_targeted_lr": None,
 }
 
 DEFAULTS: Dict[str, Any] = {
@@ -509,6 +514,10 @@ class MaskTrainer:
             self.uaps = [UniversalPerturbation(tuple(shape), float(cfg["adv_eps"]), float(cfg["adv_lr"]),
                                                cfg["adv_norm"], device, generator) for _ in range(count)]
         recover_lr_at(0, cfg)   # an unknown recovery schedule fails here, not after the main phase
+        if float(cfg.get("adv_target_weight") or 0.0) < 0:
+            raise ValueError(f"nft.adv_target_weight must be >= 0 (0 = off), got {cfg['adv_target_weight']}")
+        if cfg.get("adv_targeted_lr") is not None and float(cfg["adv_targeted_lr"]) < 0:
+            raise ValueError(f"nft.adv_targeted_lr must be >= 0 or null (= adv_lr), got {cfg['adv_targeted_lr']}")
         if not 0.0 <= float(cfg["recover_watch"]) <= 1.0:
             raise ValueError(f"nft.recover_watch is a significance level in [0, 1] (0 = off), got {cfg['recover_watch']}")
         if not 0.0 <= float(cfg["recover_mixup_frac"]) <= 1.0:
@@ -553,6 +562,9 @@ class MaskTrainer:
             out = out / self.log_temperature.exp()
         task = mixed_loss(adapter.criterion, out, ya, yb, lam)
         loss = task + self.reg_w * mask_penalty(self.masks.parameters(), c["reg_norm"])
+        away = float(c.get("adv_target_weight") or 0.0)
+        if away > 0 and uaps and self.suspect is not None:
+            loss = loss + away * self._away_from_target(out, ya, yb, lam)
         self.opt.zero_grad(set_to_none=True)
         for u in uaps:
             u.delta.grad = None
@@ -562,6 +574,22 @@ class MaskTrainer:
         for u in uaps:
             u.ascend()
         return {"loss": loss.detach(), "task_loss": task.detach(), "lambda": lam}
+
+    def _away_from_target(self, out: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float) -> torch.Tensor:
+        """Mean -log(1 - p_t) over the perturbed share (t: the suspected target), weighted by the mixed labels' share not t.
+
+        Masks descend it (perturbed images must not reach t); the perturbation, ascending the same loss, moves
+        toward t as well as away from the true label, so it keeps seeking the backdoor as the masks change.
+        """
+        k = int(round(float(self.cfg["adv_frac"]) * len(out)))
+        if k <= 0:
+            return out.new_zeros(())
+        t = int(self.suspect["class"])
+        logits = out[:k].float()
+        others = torch.cat([logits[:, :t], logits[:, t + 1:]], 1)
+        log_not_t = torch.logsumexp(others, 1) - torch.logsumexp(logits, 1)
+        w = lam * (ya[:k] != t).float() + (1 - lam) * (yb[:k] != t).float()
+        return -(w * log_not_t).mean()
 
     def _perturb_share(self, x: Any, deltas: List[torch.Tensor], frac: Optional[float] = None) -> Any:
         """The first ``frac`` (default ``adv_frac``) of the batch perturbed, one contiguous slice per perturbation."""
@@ -674,6 +702,9 @@ def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.de
         for u, rec in zip(trainer.uaps[:max(int(c["adv_init_top"]), 0)], found):
             u.delta = rec["delta"].clone().requires_grad_(True)
         trainer.suspect = {"class": int(found[0]["class"]), "delta": found[0]["delta"].detach().clone()}
+        if c.get("adv_targeted_lr") is not None:
+            for u in trainer.uaps[:max(int(c["adv_init_top"]), 0)]:
+                u.lr = float(c["adv_targeted_lr"])
     trainer.suspects = [{k: v for k, v in r.items() if k != "delta"} for r in found]
     trainer.suspects[0]["targeted_start"] = bool(outlier)
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from core.defenses.base import DefenseContext
-from core.nft import NFT, OFFICIAL, UniversalPerturbation, describe_suspects, lr_at
+from core.nft import DEFAULTS, NFT, OFFICIAL, MaskTrainer, UniversalPerturbation, describe_suspects, lr_at
+from core.regularizer import mask_penalty
 from core.registry import DEFENSES
 
 
@@ -482,7 +483,8 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
     from core.pipeline import make_defense
 
     assert image_adapter.defense_defaults["nft"] == {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5,
-                                                     "adv_init": "auto", "adv_init_margin": 2.0}
+                                                     "adv_init": "auto", "adv_init_margin": 2.0,
+                                                     "adv_targeted_lr": 0.0, "adv_target_weight": 1.0}
     cfg = make_defense(image_adapter, "nft").cfg
     assert cfg["bn_recalibrate"] == "shift" and cfg["recover_mixup_frac"] == 0.5
     assert cfg["adv_init"] == "auto" and cfg["adv_init_margin"] == 2.0 and cfg["adv_init_min_samples"] == 100
@@ -556,3 +558,53 @@ def test_shift_that_breaks_the_model_on_the_split_is_rejected(digits, image_adap
     # The model's own, sound statistics: the shift is kept.
     m = copy.deepcopy(model)
     assert recalibrate_norm_stats(m, image_adapter, clean, cpu, reference=ref, shift_check_alpha=0.01)["mode"] == "shift"
+
+
+def test_away_from_target_is_minus_log_not_t_weighted_by_the_mixed_labels_share_not_t(image_adapter, small_model):
+    x = torch.zeros(4, 1, 8, 8)
+    trainer = MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(DEFAULTS, adv_frac=0.5), x, 2,
+                          torch.device("cpu"), torch.Generator())
+    trainer.suspect = {"class": 2, "delta": torch.zeros(1, 8, 8)}
+    out = torch.randn(4, 10)
+    ya, yb, lam = torch.tensor([2, 5, 1, 1]), torch.tensor([7, 2, 1, 1]), 0.75
+    p_t = out[:2].softmax(1)[:, 2]
+    # Row 0: a quarter of its label is not t; row 1: three quarters. Rows 2-3 are not perturbed.
+    expected = -(torch.tensor([0.25, 0.75]) * torch.log1p(-p_t)).mean()
+    torch.testing.assert_close(trainer._away_from_target(out, ya, yb, lam), expected)
+    # Descending it lowers p_t on the perturbed rows (the masks' side of the term).
+    logits = out.clone().requires_grad_(True)
+    trainer._away_from_target(logits, ya, yb, lam).backward()
+    assert float(logits.grad[0, 2]) > 0 and float(logits.grad[1, 2]) > 0 and float(logits.grad[2:].abs().sum()) == 0
+
+
+def test_a_targeted_start_can_hold_delta_t_and_push_away_from_the_suspect(digits, image_adapter, small_model):
+    from core.nft import start_perturbations
+
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    opts = dict(DEFAULTS, adv_init="targeted", adv_init_steps=5, adv_targeted_lr=0.0, adv_target_weight=1.0,
+                batch_size=16)
+    x, y = next(iter(image_adapter.loader(clean, 16)))[:2]
+
+    def trainer_for(cfg):
+        t = MaskTrainer(_PlantedBackdoor(copy.deepcopy(small_model)), image_adapter, cfg, x[:8], 5,
+                        torch.device("cpu"), torch.Generator().manual_seed(0))
+        start_perturbations(t, clean, torch.device("cpu"))
+        return t
+
+    held = trainer_for(opts)
+    assert held.suspect["class"] == 3 and held.uap.lr == 0.0
+    start = held.uap.delta.detach().clone()
+    steps = [held.step(x, y, s) for s in range(3)]
+    torch.testing.assert_close(held.uap.delta.detach(), start)          # delta_t held
+    assert all(float(r["loss"]) > float(r["task_loss"]) for r in steps)   # the away term is in the loss
+    # Without a suspect (no class stands out) the perturbation starts random and ascends at adv_lr, no away term.
+    rand = trainer_for(dict(opts, adv_init_margin=1e12))
+    assert rand.suspect is None and rand.uap.lr == DEFAULTS["adv_lr"]
+    start = rand.uap.delta.detach().clone()
+    r = rand.step(x, y, 0)
+    assert not torch.equal(rand.uap.delta.detach(), start)
+    reg = rand.reg_w * mask_penalty(rand.masks.parameters(), DEFAULTS["reg_norm"])
+    torch.testing.assert_close(float(r["loss"]), float(r["task_loss"]) + float(reg.detach()), rtol=0, atol=1e-4)
+    for bad in ({"adv_target_weight": -1.0}, {"adv_targeted_lr": -0.1}):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            trainer_for(dict(opts, **bad))
