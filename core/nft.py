@@ -514,9 +514,9 @@ class MaskTrainer:
             self.uaps = [UniversalPerturbation(tuple(shape), float(cfg["adv_eps"]), float(cfg["adv_lr"]),
                                                cfg["adv_norm"], device, generator) for _ in range(count)]
         recover_lr_at(0, cfg)   # an unknown recovery schedule fails here, not after the main phase
-        if float(cfg.get("adv_target_weight") or 0.0) < 0:
+        if float(cfg["adv_target_weight"]) < 0:
             raise ValueError(f"nft.adv_target_weight must be >= 0 (0 = off), got {cfg['adv_target_weight']}")
-        if cfg.get("adv_targeted_lr") is not None and float(cfg["adv_targeted_lr"]) < 0:
+        if cfg["adv_targeted_lr"] is not None and float(cfg["adv_targeted_lr"]) < 0:
             raise ValueError(f"nft.adv_targeted_lr must be >= 0 or null (= adv_lr), got {cfg['adv_targeted_lr']}")
         if not 0.0 <= float(cfg["recover_watch"]) <= 1.0:
             raise ValueError(f"nft.recover_watch is a significance level in [0, 1] (0 = off), got {cfg['recover_watch']}")
@@ -562,7 +562,7 @@ class MaskTrainer:
             out = out / self.log_temperature.exp()
         task = mixed_loss(adapter.criterion, out, ya, yb, lam)
         loss = task + self.reg_w * mask_penalty(self.masks.parameters(), c["reg_norm"])
-        away = float(c.get("adv_target_weight") or 0.0)
+        away = float(c["adv_target_weight"])
         if away > 0 and uaps and self.suspect is not None:
             loss = loss + away * self._away_from_target(out, ya, yb, lam)
         self.opt.zero_grad(set_to_none=True)
@@ -702,7 +702,7 @@ def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.de
         for u, rec in zip(trainer.uaps[:max(int(c["adv_init_top"]), 0)], found):
             u.delta = rec["delta"].clone().requires_grad_(True)
         trainer.suspect = {"class": int(found[0]["class"]), "delta": found[0]["delta"].detach().clone()}
-        if c.get("adv_targeted_lr") is not None:
+        if c["adv_targeted_lr"] is not None:
             for u in trainer.uaps[:max(int(c["adv_init_top"]), 0)]:
                 u.lr = float(c["adv_targeted_lr"])
     trainer.suspects = [{k: v for k, v in r.items() if k != "delta"} for r in found]
