@@ -300,18 +300,28 @@ def sign_test_p(wins: int, losses: int) -> float:
 
 
 @torch.no_grad()
+def _predictions(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device, channels_last: bool,
+                 use_autocast: bool, delta: Optional[torch.Tensor] = None) -> tuple:
+    """(predictions, labels) of the model in eval mode on ``data`` as given, in order (perturbed by ``delta`` if given)."""
+    was = model.training
+    model.eval()
+    preds, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for batch in adapter.loader(data, 256):
+        x, y = adapter.to_device(batch[0], device), batch[1]
+        if delta is not None:
+            x = adapter.perturb(x, delta)
+        with autocast(device, use_autocast):
+            preds.append(adapter.predict(model, to_memory_format(model, x, channels_last)).cpu())
+        labels.append(y.cpu())
+    model.train(was)
+    return torch.cat(preds), torch.cat(labels)
+
+
 def correct_predictions(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
                         channels_last: bool = False, use_autocast: bool = False) -> torch.Tensor:
     """Per sample of ``data`` (as given, in order), whether the model in eval mode predicts its label."""
-    was = model.training
-    model.eval()
-    right = [torch.zeros(0, dtype=torch.bool)]
-    for batch in adapter.loader(data, 256):
-        x, y = adapter.to_device(batch[0], device), batch[1].to(device)
-        with autocast(device, use_autocast):
-            right.append((adapter.predict(model, to_memory_format(model, x, channels_last)) == y).cpu())
-    model.train(was)
-    return torch.cat(right)
+    pred, y = _predictions(model, adapter, data, device, channels_last, use_autocast)
+    return pred == y
 
 
 @torch.no_grad()
@@ -321,22 +331,11 @@ def clean_accuracy(model: nn.Module, adapter: Modality, data: Dataset, device: t
     return _percent(correct_predictions(model, adapter, data, device, channels_last, use_autocast))
 
 
-@torch.no_grad()
 def suspect_hits(model: nn.Module, adapter: Modality, data: Dataset, target: int, delta: torch.Tensor,
                  device: torch.device, channels_last: bool = False, use_autocast: bool = False) -> torch.Tensor:
     """Per sample of ``data`` not of class ``target`` (in order), whether ``delta`` sends it to ``target`` (eval mode)."""
-    was = model.training
-    model.eval()
-    hits = [torch.zeros(0, dtype=torch.bool)]
-    for batch in adapter.loader(data, 256):
-        x, y = adapter.to_device(batch[0], device), batch[1].to(device)
-        keep = y != target
-        if keep.any():
-            x = to_memory_format(model, adapter.perturb(x[keep], delta), channels_last)
-            with autocast(device, use_autocast):
-                hits.append((adapter.predict(model, x) == target).cpu())
-    model.train(was)
-    return torch.cat(hits)
+    pred, y = _predictions(model, adapter, data, device, channels_last, use_autocast, delta)
+    return pred[y != target] == target
 
 
 def checked_copy(model: nn.Module, adapter: Modality, data: Dataset, device: torch.device,
@@ -575,13 +574,17 @@ class MaskTrainer:
             u.ascend()
         return {"loss": loss.detach(), "task_loss": task.detach(), "lambda": lam}
 
+    def _perturbed_count(self, n: int, frac: Optional[float] = None) -> int:
+        """How many of a batch of ``n`` carry the perturbation (the first ones): ``frac`` of it, default ``adv_frac``."""
+        return int(round(float(self.cfg["adv_frac"] if frac is None else frac) * n))
+
     def _away_from_target(self, out: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float) -> torch.Tensor:
         """Mean -log(1 - p_t) over the perturbed share (t: the suspected target), weighted by the mixed labels' share not t.
 
         Masks descend it (perturbed images must not reach t); the perturbation, ascending the same loss, moves
         toward t as well as away from the true label, so it keeps seeking the backdoor as the masks change.
         """
-        k = int(round(float(self.cfg["adv_frac"]) * len(out)))
+        k = self._perturbed_count(len(out))
         if k <= 0:
             return out.new_zeros(())
         t = int(self.suspect["class"])
@@ -593,7 +596,7 @@ class MaskTrainer:
 
     def _perturb_share(self, x: Any, deltas: List[torch.Tensor], frac: Optional[float] = None) -> Any:
         """The first ``frac`` (default ``adv_frac``) of the batch perturbed, one contiguous slice per perturbation."""
-        k = int(round(float(self.cfg["adv_frac"] if frac is None else frac) * len(x)))
+        k = self._perturbed_count(len(x), frac)
         if k <= 0:
             return x
         bounds = [round(i * k / len(deltas)) for i in range(len(deltas) + 1)]
@@ -701,10 +704,9 @@ def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.de
     if outlier:
         for u, rec in zip(trainer.uaps[:max(int(c["adv_init_top"]), 0)], found):
             u.delta = rec["delta"].clone().requires_grad_(True)
-        trainer.suspect = {"class": int(found[0]["class"]), "delta": found[0]["delta"].detach().clone()}
-        if c["adv_targeted_lr"] is not None:
-            for u in trainer.uaps[:max(int(c["adv_init_top"]), 0)]:
+            if c["adv_targeted_lr"] is not None:
                 u.lr = float(c["adv_targeted_lr"])
+        trainer.suspect = {"class": int(found[0]["class"]), "delta": found[0]["delta"].detach().clone()}
     trainer.suspects = [{k: v for k, v in r.items() if k != "delta"} for r in found]
     trainer.suspects[0]["targeted_start"] = bool(outlier)
 
