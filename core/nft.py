@@ -138,6 +138,15 @@ OFFICIAL: Dict[str, Any] = {
     "adv_target_weight": 0.0,
     # Ascent step of a perturbation that started targeted (None = adv_lr; 0 = it stays the victim's delta_t).
     "adv_targeted_lr": None,
+    # Share of each recovery batch (its last images, unmixed) that carries the suspected target's delta_t and
+    # is trained only away from t (the term above, weight adv_target_weight; no cross-entropy, so it is not
+    # adversarial training). Needs the targeted start; 0 = off. Why: recovery re-opens the trigger as accuracy
+    # comes back, and delta_t's reach on the clean split follows the test ASR through it (recover_watch).
+    "recover_away_frac": 0.0,
+    # Phase-one steps (at most) on a split smaller than recover_check_min_samples (None = steps). Why: on one image per
+    # class every step shows each image about 13 times; the trigger is gone by ~75 steps and the rest of phase
+    # one costs accuracy (README, "what the default does" item 9).
+    "small_split_steps": None,
 }
 
 DEFAULTS: Dict[str, Any] = {
@@ -517,6 +526,8 @@ class MaskTrainer:
             raise ValueError(f"nft.adv_target_weight must be >= 0 (0 = off), got {cfg['adv_target_weight']}")
         if cfg["adv_targeted_lr"] is not None and float(cfg["adv_targeted_lr"]) < 0:
             raise ValueError(f"nft.adv_targeted_lr must be >= 0 or null (= adv_lr), got {cfg['adv_targeted_lr']}")
+        if not 0 <= float(cfg["recover_away_frac"]) < 1:
+            raise ValueError(f"nft.recover_away_frac must be in [0, 1) (0 = off), got {cfg['recover_away_frac']}")
         if not 0.0 <= float(cfg["recover_watch"]) <= 1.0:
             raise ValueError(f"nft.recover_watch is a significance level in [0, 1] (0 = off), got {cfg['recover_watch']}")
         if not 0.0 <= float(cfg["recover_mixup_frac"]) <= 1.0:
@@ -587,11 +598,15 @@ class MaskTrainer:
         k = self._perturbed_count(len(out))
         if k <= 0:
             return out.new_zeros(())
+        return self._away_loss(out[:k], ya[:k], yb[:k], lam)
+
+    def _away_loss(self, out: torch.Tensor, ya: torch.Tensor, yb: Any, lam: float) -> torch.Tensor:
+        """Mean -log(1 - p_t) over ``out``, each row weighted by its (mixed) label's share that is not t."""
         t = int(self.suspect["class"])
-        logits = out[:k].float()
+        logits = out.float()
         others = torch.cat([logits[:, :t], logits[:, t + 1:]], 1)
         log_not_t = torch.logsumexp(others, 1) - torch.logsumexp(logits, 1)
-        w = lam * (ya[:k] != t).float() + (1 - lam) * (yb[:k] != t).float()
+        w = lam * (ya != t).float() + (1 - lam) * (yb != t).float()
         return -(w * log_not_t).mean()
 
     def _perturb_share(self, x: Any, deltas: List[torch.Tensor], frac: Optional[float] = None) -> Any:
@@ -619,16 +634,22 @@ class MaskTrainer:
             if k > 0:
                 xm, ya, yb, lam = mixup_batch(x[:k], y[:k], self.mix, alpha, self.g)
                 x = xm if k == len(y) else torch.cat([xm, x[k:]])
+        a = self._recover_away_count(len(y), k)   # the last a images: delta_t, trained away from t only
+        if a:
+            x = torch.cat([x[:-a], self.adapter.perturb(x[-a:], self.suspect["delta"])])
         x = to_memory_format(self.model, x, self.channels_last)
         with autocast(self.device, self.use_autocast):
             out = self.adapter.forward(self.model, x)
+        n = len(y) - a   # the images the recovery's own loss sees
         if k == 0:
-            loss = self._plain_loss(x, out, y)
-        elif k == len(y):
-            loss = mixed_loss(self.adapter.criterion, out, ya, yb, lam)
+            loss = self._plain_loss(x[:n], out[:n], y[:n])
+        elif k == n:
+            loss = mixed_loss(self.adapter.criterion, out[:n], ya, yb, lam)
         else:   # mixed share and plain share, each weighted by its size
             loss = (k * mixed_loss(self.adapter.criterion, out[:k], ya, yb, lam)
-                    + (len(y) - k) * self._plain_loss(x[k:], out[k:], y[k:])) / len(y)
+                    + (n - k) * self._plain_loss(x[k:n], out[k:n], y[k:n])) / n
+        if a:
+            loss = loss + float(c["adv_target_weight"]) * self._away_loss(out[n:], y[n:], y[n:], 1.0)
         self.opt.zero_grad(set_to_none=True)
         for u in uaps:
             u.delta.grad = None
@@ -639,6 +660,12 @@ class MaskTrainer:
             for u in uaps:
                 u.ascend()
         return {"loss": loss.detach(), "task_loss": loss.detach(), "lambda": lam}
+
+    def _recover_away_count(self, n: int, mixed: int) -> int:
+        """How many of a recovery batch of ``n`` (``mixed`` of them mixed, first) carry delta_t: 0 without a suspect."""
+        if self.suspect is None or float(self.cfg["adv_target_weight"]) <= 0:
+            return 0
+        return min(self._perturbed_count(n, self.cfg["recover_away_frac"]), n - mixed - 1) if n - mixed > 1 else 0
 
     def _plain_loss(self, x: Any, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Recovery's loss on unmixed images: CE, or CE blended with distillation from the original model."""
@@ -653,6 +680,16 @@ class MaskTrainer:
         kl = F.kl_div(F.log_softmax(out.float() / t, 1), F.log_softmax(teacher_out / t, 1), reduction="none",
                       log_target=True).sum(1)
         return (1 - w) * ce + w * t * t * (kl * trusted).sum() / max(float(trusted.sum()), 1.0)
+
+
+def config_for_split(cfg: Dict[str, Any], n: int) -> Dict[str, Any]:
+    """The config NFT runs with on a clean split of ``n`` samples: at most ``small_split_steps`` below the check floor."""
+    small = cfg.get("small_split_steps")
+    if small is not None and int(small) < 1:
+        raise ValueError(f"nft.small_split_steps must be a positive step count or null (= steps), got {small}")
+    if small is None or n >= int(cfg["recover_check_min_samples"]):
+        return cfg
+    return {**cfg, "steps": min(int(cfg["steps"]), int(small))}
 
 
 def shift_check_of(cfg: Dict[str, Any]) -> Dict[str, float]:
@@ -743,7 +780,7 @@ class NFT(Defense):
     presets = {"official": OFFICIAL, "generic": DEFAULTS}
 
     def run(self, model: nn.Module, adapter: Modality, clean: Dataset, ctx: DefenseContext) -> DefenseResult:
-        c = self.cfg
+        c = config_for_split(self.cfg, len(clean))
         steps = int(c["steps"]) + int(c["recover_steps"])
         reference = norm_reference_for(c, model.to(ctx.device), adapter, clean, ctx.device, ctx.channels_last)
         trainer, loader = start_mask_training(model.to(ctx.device), adapter, clean, c, ctx.clean_per_class,
@@ -852,7 +889,7 @@ def trace_nft(model: nn.Module, adapter: Modality, clean: Dataset, cfg: Dict[str
     same way (does a milder mask keep the removal at less accuracy cost?). A diagnostic tool,
     not a defense: never choose settings on its test numbers.
     """
-    c = cfg
+    c = config_for_split(cfg, len(clean))
     steps = int(c["steps"]) + int(c["recover_steps"])
     model = copy.deepcopy(model).to(device)
     reference = norm_reference_for(c, model, adapter, clean, device)

@@ -6,6 +6,7 @@ import torch
 from core.defenses.base import DefenseContext
 from core.nft import DEFAULTS, NFT, OFFICIAL, MaskTrainer, UniversalPerturbation, describe_suspects, lr_at
 from core.regularizer import mask_penalty
+from core.pipeline import run_defense
 from core.registry import DEFENSES
 
 
@@ -484,7 +485,8 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
 
     assert image_adapter.defense_defaults["nft"] == {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5,
                                                      "adv_init": "auto", "adv_init_margin": 2.0,
-                                                     "adv_targeted_lr": 0.0, "adv_target_weight": 1.0}
+                                                     "adv_targeted_lr": 0.0, "adv_target_weight": 1.0,
+                                                     "small_split_steps": 100}
     cfg = make_defense(image_adapter, "nft").cfg
     assert cfg["bn_recalibrate"] == "shift" and cfg["recover_mixup_frac"] == 0.5
     assert cfg["adv_init"] == "auto" and cfg["adv_init_margin"] == 2.0 and cfg["adv_init_min_samples"] == 100
@@ -608,3 +610,47 @@ def test_a_targeted_start_can_hold_delta_t_and_push_away_from_the_suspect(digits
     for bad in ({"adv_target_weight": -1.0}, {"adv_targeted_lr": -0.1}):
         with pytest.raises(ValueError, match="must be >= 0"):
             trainer_for(dict(opts, **bad))
+
+
+def test_recovery_away_share_carries_delta_t_and_trains_only_away_from_the_suspect(image_adapter, small_model):
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    cfg = dict(DEFAULTS, steps=1, recover_steps=1, recover_augment=None, recover_mixup=False, adv_target_weight=2.0,
+               recover_away_frac=0.25, recover_lr=0.0)
+    trainer = MaskTrainer(copy.deepcopy(small_model), image_adapter, cfg, x, 1, torch.device("cpu"), torch.Generator())
+    delta = torch.full((1, 8, 8), 0.3)
+    trainer.suspect = {"class": 2, "delta": delta}
+    assert trainer._recover_away_count(8, 0) == 2 and trainer._recover_away_count(8, 7) == 0
+    assert trainer._recover_away_count(8, 4) == 2 and trainer._recover_away_count(8, 6) == 1  # one plain image stays
+    with torch.no_grad():   # train-mode BN: the expected loss from the same batch, before the (lr 0) step
+        out = trainer.model(torch.cat([x[:6], (x[6:] + delta).clamp(0, 1)]))
+    expected = torch.nn.functional.cross_entropy(out[:6], y[:6]) + 2.0 * trainer._away_loss(out[6:], y[6:], y[6:], 1.0)
+    got = trainer.step(x, y, 1)["loss"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Without a suspect (random start) or with the term off, recovery is unchanged.
+    trainer.suspect = None
+    assert trainer._recover_away_count(8, 0) == 0
+    with pytest.raises(ValueError, match="recover_away_frac"):
+        MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(cfg, recover_away_frac=1.0), x, 1,
+                    torch.device("cpu"), torch.Generator())
+
+
+def test_a_split_below_the_check_floor_runs_small_split_steps_of_phase_one():
+    from core.nft import config_for_split
+
+    cfg = dict(DEFAULTS, steps=200, small_split_steps=100, recover_check_min_samples=100)
+    assert config_for_split(cfg, 10)["steps"] == 100 and config_for_split(cfg, 99)["steps"] == 100
+    assert config_for_split(cfg, 100) is cfg and config_for_split(dict(cfg, small_split_steps=None), 10)["steps"] == 200
+    assert cfg["steps"] == 200   # the defense's own config is left as it was
+    assert config_for_split(dict(cfg, steps=40), 10)["steps"] == 40   # a shorter phase one is kept
+    with pytest.raises(ValueError, match="small_split_steps must be a positive"):
+        config_for_split(dict(cfg, small_split_steps=0), 600)   # refused on any split, before any work
+
+
+def test_nft_on_a_one_shot_split_logs_small_split_steps_of_phase_one(digits, image_adapter, small_model):
+    clean, _ = image_adapter.clean_split(digits, 1, 0)
+    opts = {"small_split_steps": 7, "recover_steps": 3, "batch_size": 16}
+    res, _ = run_defense(image_adapter, small_model, clean, "nft", opts, DefenseContext(clean_per_class=1,
+                                                                                       show_progress=False))
+    assert res.info["config"]["steps"] == 7
+    assert max(r["step"] for r in res.log if "loss" in r) == 10   # 7 main + 3 recovery steps, then it stops
