@@ -5,8 +5,8 @@ import torch
 
 from core.defenses.base import DefenseContext
 from core.nft import DEFAULTS, NFT, OFFICIAL, MaskTrainer, UniversalPerturbation, describe_suspects, lr_at
-from core.regularizer import mask_penalty
 from core.pipeline import run_defense
+from core.regularizer import mask_penalty
 from core.registry import DEFENSES
 
 
@@ -628,7 +628,9 @@ def test_recovery_away_share_carries_delta_t_and_trains_only_away_from_the_suspe
     got = trainer.step(x, y, 1)["loss"]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # Without a suspect (random start) or with the term off, recovery is unchanged.
-    trainer.suspect = None
+    trainer.cfg = dict(cfg, adv_target_weight=0.0)
+    assert trainer._recover_away_count(8, 0) == 0
+    trainer.cfg, trainer.suspect = cfg, None
     assert trainer._recover_away_count(8, 0) == 0
     with pytest.raises(ValueError, match="recover_away_frac"):
         MaskTrainer(copy.deepcopy(small_model), image_adapter, dict(cfg, recover_away_frac=1.0), x, 1,

@@ -9,8 +9,8 @@ forced targeted start 45.8%). The issue's target (ASR < 10%) is not met and is k
 xfail so that reaching it is noticed. Session 21 (test-set diagnostic only): two channels of ``bn2`` carry the
 backdoor (zeroing channel 17: ASR 20.7% at ACC 90.4; 17 and 19: 4.7% at 87.1), and NFT's masks leave them at
 0.43-0.86; no single global change tried (L2 perturbation, eps 0.4, masks down to 0, lr 0.2, more perturbations,
-a larger perturbed share, a forced targeted start) took all three splits below 10% (README, "Known gaps"). Measured why (sessions 1-6, generic default): on this victim
-much of what lowers the ASR is the BN running statistics left by training-mode mask tuning, not the
+a larger perturbed share, a forced targeted start) took all three splits below 10% (README, "Known gaps").
+Measured why (sessions 1-6, generic default): on this victim much of what lowers the ASR is the BN running statistics left by training-mode mask tuning, not the
 masks. Without BN recalibration the generic default reaches 44% (Blend: 0.5%, at ACC 82); the
 official preset's Blend removal (ASR 3.7%) returns to 85% once its statistics are recalibrated on
 clean data.
