@@ -7,8 +7,12 @@ layout (ASR/ACC per cell, an average-drop row), and plots.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import hashlib
 import itertools
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -44,6 +48,31 @@ def read_rows(path: str | Path) -> List[Dict[str, Any]]:
         return []
     with path.open() as f:
         return list(csv.DictReader(f))
+
+
+@contextlib.contextmanager
+def _csv_lock(path: str | Path):
+    """An exclusive lock for one results file (a lock file in the temp dir, keyed by the file's absolute path).
+
+    Why: two processes of one grid (e.g. one attack each, on a core each) append to the same CSV; each
+    re-reads it under the lock before writing, so neither overwrites the other's rows.
+    """
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"nft-purify-{digest}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def merge_rows(out_csv: str | Path, new: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Write ``new`` into ``out_csv`` with the rows already on disk (a row of the same cell is replaced); returns all."""
+    with _csv_lock(out_csv):
+        mine = {_key(r) for r in new}
+        rows = [r for r in read_rows(out_csv) if _key(r) not in mine] + list(new)
+        write_csv(out_csv, rows, COLUMNS)
+    return rows
 
 
 def _key(r: Dict[str, Any]) -> tuple:
@@ -140,7 +169,6 @@ def prepare_victims(grid: Dict[str, Any], get_adapter: Callable[[str], Modality]
     attack label and seed is replaced, every other row is kept.
     """
     rows: List[Dict[str, Any]] = []
-    kept = read_rows(out_csv) if out_csv else []
     seen = set()
     for cell in expand_grid(grid):
         cfg = cell_config(cell, overrides)
@@ -164,7 +192,9 @@ def prepare_victims(grid: Dict[str, Any], get_adapter: Callable[[str], Modality]
         rows.append(row)
         if out_csv:
             mine = {_victim_key(r) for r in rows}
-            write_csv(out_csv, [r for r in kept if _victim_key(r) not in mine] + rows, VICTIM_COLUMNS)
+            with _csv_lock(out_csv):   # re-read: another process may have added its victims meanwhile
+                kept = [r for r in read_rows(out_csv) if _victim_key(r) not in mine]
+                write_csv(out_csv, kept + rows, VICTIM_COLUMNS)
     return rows
 
 
@@ -175,12 +205,25 @@ def _victim_key(r: Dict[str, Any]) -> tuple:
 def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, out_csv: str | Path,
              victims_root: str | Path = "runs/victims", runs_root: Optional[str | Path] = None,
              show_progress: bool = True, overrides: Optional[Dict[str, Any]] = None,
-             echo: Callable[[str], None] = print, cached_only: bool = False) -> List[Dict[str, Any]]:
-    """Run every cell not yet in ``out_csv``; ``cached_only`` skips cells whose victim is not trained yet."""
-    rows = read_rows(out_csv)
-    done = {_key(r) for r in rows}
+             echo: Callable[[str], None] = print, cached_only: bool = False,
+             attacks: Optional[Iterable[str]] = None) -> List[Dict[str, Any]]:
+    """Run every cell not yet in ``out_csv``; ``cached_only`` skips cells whose victim is not trained yet.
+
+    ``attacks``: run only the cells of these attack labels (one process per attack can share a grid and its
+    CSV: each row is merged into the file as it is now on disk). Returns every row the CSV then holds.
+    """
+    done = {_key(r) for r in read_rows(out_csv)}
     device = pick_device(grid.get("device"))
-    for cell in expand_grid(grid):
+    cells = expand_grid(grid)
+    if attacks is not None:
+        wanted = set(attacks)
+        labels = [cell_row_key(c, cell_config(c, overrides))["attack"] for c in cells]
+        if wanted - set(labels):
+            raise ValueError(f"--attack {sorted(wanted - set(labels))} is not an attack label of this grid; choose "
+                             f"from {sorted(set(labels))}")
+        cells = [c for c, label in zip(cells, labels) if label in wanted]
+    mine: List[Dict[str, Any]] = []
+    for cell in cells:
         cfg = cell_config(cell, overrides)
         d = dict(cell["defense"])
         row_key = cell_row_key(cell, cfg)
@@ -219,10 +262,10 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
                "victim": vrun.path.name, "speed": res.get("speed", "")}
         echo(f"  {label:18s} n={cell['clean_per_class']:<3d} ACC {row['acc_before']:.2f} -> {row['acc_after']:.2f}  "
              f"ASR {row['asr_before']:.2f} -> {row['asr_after']:.2f}  {row['seconds']:.1f}s")
-        rows.append(row)
+        mine.append(row)
         done.add(_key(row))
-        write_csv(out_csv, rows, COLUMNS)  # after every cell: a killed grid resumes where it stopped
-    return rows
+        merge_rows(out_csv, mine)  # after every cell: a killed grid resumes where it stopped
+    return read_rows(out_csv)
 
 
 def _f(v: Any) -> float:

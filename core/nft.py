@@ -53,7 +53,8 @@ OFFICIAL: Dict[str, Any] = {
     # ``mask_model_excluded`` masks every unit that list names.
     "mask_include": [], "mask_model_excluded": False,
     "augment": "weak",
-    # Universal adversarial perturbation applied to a share of each mixed batch.
+    # Universal adversarial perturbation applied to a share of each mixed batch. adv_norm "linf", "l2" or "l1"; an
+    # "l1" radius counts input values per entry of the perturbation's first dim (a channel on images).
     "adv_frac": 0.0, "adv_eps": 0.0, "adv_norm": "linf", "adv_lr": 0.0, "adv_reset": 0,
     # Input dims (0 = the first after the batch) over which the perturbation is one shared value:
     # [1] on a (C, T, H, W) clip is one frame pattern for every time step, which cannot encode motion.
@@ -72,6 +73,19 @@ OFFICIAL: Dict[str, Any] = {
     "adv_init": "random", "adv_init_steps": 20, "adv_init_samples": 64, "adv_init_min_samples": 100,
     # How many perturbations start from the top classes' (the rest start random).
     "adv_init_top": 1,
+    # Further perturbation families the targeted search tries besides (adv_norm, adv_eps), each
+    # {"norm": "linf" | "l2" | "l1", "eps": radius[, "lr": ascent step]} (an "l1" radius as adv_eps's: 12 = twelve
+    # full-scale pixels per channel; lr defaults to eps * adv_lr / adv_eps). Every family is searched on the same images; the one in which the
+    # easiest class stands out most (runner-up loss / easiest loss) is the family the perturbations take, start
+    # and all. Why: the trigger's form is unknown, and a family stands out where the trigger lives in it: a patch
+    # is a few full-scale pixels (a small L1 ball holds it, an L-inf ball of 0.2 does not), a blend is a faint
+    # change of every pixel (the reverse). On the Fashion-MNIST BadNets victim the L1 search's ratio was 146-722x
+    # against L-inf's 21-111x; on the Blend victim L-inf's ~2,000x against L1's 1.2x (README, item 10).
+    "adv_init_families": [],
+    # Successive halving in the search: every class descends a quarter of adv_init_steps, then only this many
+    # easiest ones the rest (0 = every class every step). The ranking's head, which the start and the outlier
+    # ratio read, is the full search's whenever the two easiest classes are among them after a quarter.
+    "adv_init_keep": 0,
     # Start targeted only when the easiest class is an outlier: its loss at least this many times
     # below the runner-up's; otherwise every perturbation starts random. 0 = always start targeted.
     # (On the video victims the ratio did not separate a real trigger from a natural class: 8.6x
@@ -367,12 +381,18 @@ class UniversalPerturbation:
 
     Updated from the gradient of the same backward pass that trains the masks ("free"
     adversarial training), so it costs one extra input-gradient, not extra passes.
+    ``norm``: "linf" (sign steps), "l2" (normalised gradient steps) or "l1" (a sparse ball: steps on the
+    largest ``L1_STEP_SHARE`` of gradient coordinates, projected onto the L1 ball; it can put its whole
+    budget on a few inputs, as a patch trigger does, where an L-inf ball spreads it over all of them).
     """
+
+    NORMS = ("linf", "l2", "l1")
+    L1_STEP_SHARE = 0.05   # share of coordinates an L1 step moves (sparse L1 descent, Tramer & Boneh 2019)
 
     def __init__(self, shape: tuple, eps: float, lr: float, norm: str, device: torch.device,
                  generator: torch.Generator) -> None:
-        if norm not in ("linf", "l2"):
-            raise ValueError(f"adv_norm must be 'linf' or 'l2', got '{norm}'")
+        if norm not in self.NORMS:
+            raise ValueError(f"adv_norm must be one of {list(self.NORMS)}, got '{norm}'")
         self.eps, self.lr, self.norm = float(eps), float(lr), norm
         self.shape, self.device, self.generator = shape, device, generator
         self.delta = torch.zeros(shape, device=device)
@@ -380,11 +400,15 @@ class UniversalPerturbation:
 
     def reset(self) -> None:
         init = (torch.rand(self.shape, generator=self.generator) * 2 - 1) * self.eps
+        if self.norm == "l1":   # a random point well inside the ball, not its (dense) corner region
+            init = init / max(init.numel(), 1)
         self.delta = self._project(init.to(self.device)).requires_grad_(True)
 
     def _project(self, d: torch.Tensor) -> torch.Tensor:
         if self.norm == "linf":
             return d.clamp(-self.eps, self.eps)
+        if self.norm == "l1":
+            return project_l1_ball(d, self.eps)
         n = d.norm()
         return d * min(1.0, self.eps / (float(n) + 1e-12))
 
@@ -395,22 +419,51 @@ class UniversalPerturbation:
             return
         if self.norm == "linf":
             step = self.lr * g.sign()
+        elif self.norm == "l1":
+            a = g.abs().flatten()
+            k = max(1, int(round(self.L1_STEP_SHARE * a.numel())))
+            top = (g.abs() >= a.topk(k).values[-1]) & (g != 0)
+            step = self.lr * g.sign() * top / max(int(top.sum()), 1)   # L1 length lr
         else:
             step = self.lr * g / (g.norm() + 1e-12)
         self.delta = self._project(self.delta + step).requires_grad_(True)
 
 
+def perturbation_radius(norm: str, eps: float, shape: tuple) -> float:
+    """The ball's radius for a perturbation of ``shape``: an L1 ``eps`` counts values per entry of the first dim."""
+    return float(eps) * (shape[0] if norm == "l1" and shape else 1)
+
+
+def project_l1_ball(d: torch.Tensor, radius: float) -> torch.Tensor:
+    """Euclidean projection of ``d`` onto the L1 ball of ``radius`` (Duchi et al. 2008, sort-based)."""
+    flat = d.flatten()
+    if float(flat.abs().sum()) <= radius:
+        return d
+    if radius <= 0:
+        return torch.zeros_like(d)
+    u = flat.abs().sort(descending=True).values
+    cum = u.cumsum(0)
+    idx = torch.arange(1, u.numel() + 1, device=d.device, dtype=u.dtype)
+    rho = int((u - (cum - radius) / idx > 0).nonzero().max())
+    theta = (cum[rho] - radius) / (rho + 1)
+    return (flat.sign() * (flat.abs() - theta).clamp_min(0)).view_as(d)
+
+
 def targeted_perturbation_search(model: nn.Module, adapter: Modality, clean: Dataset, shape: tuple, eps: float,
                                  norm: str, steps: int, samples: int, device: torch.device,
                                  generator: torch.Generator, *, use_autocast: bool = False,
-                                 channels_last: bool = False) -> List[Dict[str, Any]]:
+                                 channels_last: bool = False, keep: int = 0) -> List[Dict[str, Any]]:
     """One targeted universal perturbation per class on (a seeded subset of) the clean split.
 
     The model is frozen and in eval mode; each perturbation descends the cross-entropy toward its
-    class with sign steps of eps/8 (projected). Returns one record per class, easiest first:
-    ``{"class", "loss", "reach"}`` (reach: % of inputs of other classes sent to it) plus ``"delta"``.
-    ``use_autocast`` / ``channels_last``: the descent computes as the mask training does (a sign step
-    needs only the gradient's sign); the ranking's losses stay fp32, as they run down to 1e-7.
+    class with steps of length eps/8 (sign steps for L-inf; projected). Returns one record per class,
+    easiest first: ``{"class", "loss", "reach"}`` (reach: % of inputs of other classes sent to it) plus
+    ``"delta"``. ``keep`` > 0 halves the work (successive halving): every class descends a quarter of the
+    steps, then only the ``keep`` easiest so far descend the rest, so the ranking's head (what a targeted
+    start and its outlier ratio read) is what the full search gives while the tail stops early; 0 = every
+    class descends every step. ``use_autocast`` / ``channels_last``: the descent computes as the mask
+    training does (a sign step needs only the gradient's sign); the ranking's losses stay fp32, as they run
+    down to 1e-7.
     """
     n = len(clean)
     idx = torch.randperm(n, generator=generator)[:min(max(int(samples), 1), n)].tolist()
@@ -421,30 +474,43 @@ def targeted_perturbation_search(model: nn.Module, adapter: Modality, clean: Dat
     grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+
+    def descend(probe: UniversalPerturbation, target: torch.Tensor, count: int) -> None:
+        for _ in range(count):
+            with autocast(device, use_autocast):
+                out = adapter.forward(model, to_memory_format(model, adapter.perturb(x, probe.delta), channels_last))
+            loss = adapter.criterion(out.float(), target)
+            probe.delta.grad, = torch.autograd.grad(loss, probe.delta)
+            probe.delta.grad.neg_()           # ascend() climbs; toward the class is downhill
+            probe.ascend()
+
+    @torch.no_grad()
+    def logits_of(probe: UniversalPerturbation) -> torch.Tensor:
+        return adapter.forward(model, to_memory_format(model, adapter.perturb(x, probe.delta), channels_last))
+
     try:
         with torch.no_grad():
             out = adapter.forward(model, x)
         if not torch.is_tensor(out) or out.dim() != 2:
             raise ValueError("nft.adv_init 'targeted' needs a classifier's (batch, classes) logits; "
                              "use adv_init: random for this model")
+        classes, steps = out.shape[1], int(steps)
+        probes = [UniversalPerturbation(shape, eps, eps / 8.0, norm, device, generator) for _ in range(classes)]
+        targets = [torch.full_like(y, k) for k in range(classes)]
+        first = max(steps // 4, 1) if 0 < int(keep) < classes else steps
+        for k in range(classes):
+            descend(probes[k], targets[k], first)
+        if first < steps:
+            so_far = [float(adapter.criterion(logits_of(probes[k]), targets[k])) for k in range(classes)]
+            for k in sorted(range(classes), key=lambda k: so_far[k])[:int(keep)]:
+                descend(probes[k], targets[k], steps - first)
         records = []
-        lr = eps / 8.0
-        for k in range(out.shape[1]):
-            probe = UniversalPerturbation(shape, eps, lr, norm, device, generator)
-            target = torch.full_like(y, k)
-            for _ in range(int(steps)):
-                with autocast(device, use_autocast):
-                    out = adapter.forward(model, to_memory_format(model, adapter.perturb(x, probe.delta), channels_last))
-                loss = adapter.criterion(out.float(), target)
-                probe.delta.grad, = torch.autograd.grad(loss, probe.delta)
-                probe.delta.grad.neg_()           # ascend() climbs; toward the class is downhill
-                probe.ascend()
-            with torch.no_grad():
-                logits = adapter.forward(model, to_memory_format(model, adapter.perturb(x, probe.delta), channels_last))
-                loss = float(adapter.criterion(logits, target))
-                others = y != k
-                reach = float((logits.argmax(1)[others] == k).float().mean() * 100) if others.any() else 0.0
-            records.append({"class": k, "loss": loss, "reach": reach, "delta": probe.delta.detach()})
+        for k in range(classes):
+            logits = logits_of(probes[k])
+            others = y != k
+            reach = float((logits.argmax(1)[others] == k).float().mean() * 100) if others.any() else 0.0
+            records.append({"class": k, "loss": float(adapter.criterion(logits, targets[k])), "reach": reach,
+                            "delta": probes[k].delta.detach()})
     finally:
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
@@ -519,8 +585,9 @@ class MaskTrainer:
             count = int(cfg.get("adv_count", 1))
             if count < 1:
                 raise ValueError(f"nft.adv_count must be >= 1, got {count}")
-            self.uaps = [UniversalPerturbation(tuple(shape), float(cfg["adv_eps"]), float(cfg["adv_lr"]),
-                                               cfg["adv_norm"], device, generator) for _ in range(count)]
+            eps, lr = (perturbation_radius(cfg["adv_norm"], cfg[k], tuple(shape)) for k in ("adv_eps", "adv_lr"))
+            self.uaps = [UniversalPerturbation(tuple(shape), eps, lr, cfg["adv_norm"], device, generator)
+                         for _ in range(count)]
         recover_lr_at(0, cfg)   # an unknown recovery schedule fails here, not after the main phase
         if float(cfg["adv_target_weight"]) < 0:
             raise ValueError(f"nft.adv_target_weight must be >= 0 (0 = off), got {cfg['adv_target_weight']}")
@@ -540,6 +607,8 @@ class MaskTrainer:
         self.suspects: List[Dict[str, Any]] = []
         # The suspected target and its perturbation on the victim, when the targeted start was taken.
         self.suspect: Optional[Dict[str, Any]] = None
+        # Per perturbation family the targeted search tried: its norm, radius, easiest class and ratio.
+        self.search: List[Dict[str, Any]] = []
         model.train(cfg["bn_mode"] == "train")
 
     @property
@@ -720,10 +789,32 @@ def start_mask_training(model: nn.Module, adapter: Modality, clean: Dataset, cfg
     return trainer, loader
 
 
+def perturbation_families(cfg: Dict[str, Any], shape: tuple) -> List[Dict[str, Any]]:
+    """The perturbation families the targeted search tries: (adv_norm, adv_eps, adv_lr) first, then
+    ``adv_init_families``, each ``{"norm", "eps", "lr"}`` with an L1 radius scaled to the perturbation's first dim."""
+    base_eps, base_lr = float(cfg["adv_eps"]), float(cfg["adv_lr"])
+    families = [{"norm": cfg["adv_norm"], "eps": perturbation_radius(cfg["adv_norm"], base_eps, shape),
+                 "lr": perturbation_radius(cfg["adv_norm"], base_lr, shape)}]
+    for f in cfg.get("adv_init_families") or []:
+        if not isinstance(f, dict) or f.get("norm") not in UniversalPerturbation.NORMS or float(f.get("eps", 0)) <= 0:
+            raise ValueError(f"nft.adv_init_families entries are {{norm: one of {list(UniversalPerturbation.NORMS)}, "
+                             f"eps: a positive radius[, lr: step]}}, got {f!r}")
+        unknown = sorted(set(f) - {"norm", "eps", "lr"})
+        if unknown:
+            raise ValueError(f"nft.adv_init_families entry {f!r} has unknown keys {unknown}; use norm, eps, lr")
+        eps = perturbation_radius(f["norm"], f["eps"], shape)
+        lr = perturbation_radius(f["norm"], f["lr"], shape) if f.get("lr") is not None else eps * base_lr / base_eps
+        families.append({"norm": f["norm"], "eps": eps, "lr": lr})
+    return families
+
+
 def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.device) -> None:
     """With ``adv_init: targeted``, start the perturbations from the easiest classes' targeted ones.
 
-    The ranking (class, loss, reach; easiest first) is kept in ``trainer.suspects``.
+    Each perturbation family (:func:`perturbation_families`) is searched on the same clean images; the family
+    whose easiest class stands out most is kept, and the perturbations switch to it when it is not the first.
+    The ranking (class, loss, reach; easiest first) is kept in ``trainer.suspects``; ``trainer.search`` has each
+    family's ratio (runner-up loss / easiest loss).
     """
     c = trainer.cfg
     if c["adv_init"] not in ("random", "targeted", "auto"):
@@ -733,19 +824,38 @@ def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.de
     if not trainer.uaps or not targeted:
         return
     u0 = trainer.uaps[0]
-    found = targeted_perturbation_search(trainer.model, trainer.adapter, clean, u0.shape, u0.eps, u0.norm,
-                                         int(c["adv_init_steps"]), int(c["adv_init_samples"]), device, trainer.g,
-                                         use_autocast=trainer.use_autocast and bool(c["search_autocast"]),
-                                         channels_last=trainer.channels_last)
-    outlier = len(found) < 2 or found[1]["loss"] >= float(c["adv_init_margin"]) * found[0]["loss"]
+    # Every family draws the same search images; families after the first search with a copy of the
+    # generator, so a run whose first family wins consumes the random stream exactly as with one family.
+    g_state = trainer.g.get_state()
+    results = []
+    for i, fam in enumerate(perturbation_families(c, u0.shape)):
+        g = trainer.g if i == 0 else torch.Generator().set_state(g_state)
+        found = targeted_perturbation_search(trainer.model, trainer.adapter, clean, u0.shape, fam["eps"], fam["norm"],
+                                             int(c["adv_init_steps"]), int(c["adv_init_samples"]), device, g,
+                                             use_autocast=trainer.use_autocast and bool(c["search_autocast"]),
+                                             channels_last=trainer.channels_last, keep=int(c["adv_init_keep"] or 0))
+        ratio = found[1]["loss"] / max(found[0]["loss"], 1e-12) if len(found) > 1 else math.inf
+        results.append((ratio, i, fam, found))
+    ratio, best, fam, found = max(results, key=lambda r: (r[0], -r[1]))   # ties: the earlier family
+    trainer.search = [{"norm": f["norm"], "eps": f["eps"], "class": int(fd[0]["class"]),
+                       "ratio": r if math.isfinite(r) else None} for r, _, f, fd in results]
+    outlier = ratio >= float(c["adv_init_margin"])
     if outlier:
+        if best != 0:   # the perturbations take the winning family (norm, radius, step)
+            trainer.uaps = [UniversalPerturbation(u.shape, fam["eps"], fam["lr"], fam["norm"], device, trainer.g)
+                            for u in trainer.uaps]
         for u, rec in zip(trainer.uaps[:max(int(c["adv_init_top"]), 0)], found):
             u.delta = rec["delta"].clone().requires_grad_(True)
             if c["adv_targeted_lr"] is not None:
                 u.lr = float(c["adv_targeted_lr"])
         trainer.suspect = {"class": int(found[0]["class"]), "delta": found[0]["delta"].detach().clone()}
+    else:   # no family singles a class out: report the first family's ranking, start random in it
+        ratio, best, fam, found = results[0]
     trainer.suspects = [{k: v for k, v in r.items() if k != "delta"} for r in found]
-    trainer.suspects[0]["targeted_start"] = bool(outlier)
+    trainer.suspects[0].update(targeted_start=bool(outlier), norm=fam["norm"], eps=fam["eps"])
+
+
+FAMILY_NAMES = {"linf": "L-inf ball", "l2": "L2 ball", "l1": "L1 ball"}
 
 
 def describe_suspects(defense_info: Dict[str, Any]) -> Optional[str]:
@@ -758,12 +868,18 @@ def describe_suspects(defense_info: Dict[str, Any]) -> Optional[str]:
     if not found:
         return None
     top = found[0]
-    head = f"targeted search: class {top['class']} is reached most easily (loss {top['loss']:.3g}"
+    family = f" ({FAMILY_NAMES.get(top['norm'], top['norm'])} {top['eps']:g})" if "norm" in top else ""
+    head = f"targeted search{family}: class {top['class']} is reached most easily (loss {top['loss']:.3g}"
     if len(found) > 1:
         ratio = found[1]["loss"] / max(top["loss"], 1e-12)
         head += f", {ratio:,.0f}x" if ratio >= 100 else f", {ratio:.2f}x"
         head += f" below class {found[1]['class']}'s"
     head += f"; {top['reach']:.1f}% of other classes' clean images sent to it)"
+    others = [f for f in defense_info.get("perturbation_search") or []
+              if (f["norm"], f["eps"]) != (top.get("norm"), top.get("eps"))]
+    if others:
+        head += " [" + "; ".join(f"{FAMILY_NAMES.get(f['norm'], f['norm'])} {f['eps']:g}: class {f['class']}"
+                                 + (f" {f['ratio']:.3g}x" if f["ratio"] is not None else "") for f in others) + "]"
     if top.get("targeted_start"):
         return head + ": the suspected backdoor target; the perturbation started from it"
     return head + ": no class stood out (ratio below adv_init_margin), so the perturbation started random"
@@ -871,7 +987,8 @@ class NFT(Defense):
                                    "bn_recalibration": recalibration,
                                    **({"recover_watch": {k: v for k, v in watch.items() if k not in ("reference", "saved")}}
                                       if watch_alpha > 0 else {}),
-                                   **({"suspected_targets": trainer.suspects[:3]} if trainer.suspects else {})})
+                                   **({"suspected_targets": trainer.suspects[:3],
+                                       "perturbation_search": trainer.search} if trainer.suspects else {})})
 
 
 def trace_nft(model: nn.Module, adapter: Modality, clean: Dataset, cfg: Dict[str, Any],

@@ -33,6 +33,8 @@ def main() -> None:
                    help="train (or load) each victim of the grid once, write results/<name>_victims.csv, run no defense")
     p.add_argument("--cached-only", action="store_true",
                    help="run defenses only on victims already cached; skip (and list) the others")
+    p.add_argument("--attack", dest="attacks", nargs="+", metavar="LABEL",
+                   help="run only these attacks' cells (e.g. one process per attack on a core each; they share the CSV)")
     p.add_argument("--report-only", action="store_true", help="rewrite the Markdown/plot from the CSV; run no cell")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
@@ -51,7 +53,7 @@ def main() -> None:
             raise ValueError(f"{out_csv} has no rows yet; run the grid without --report-only first")
     else:
         rows = run_grid(grid, get_modality, out_csv=out_csv, runs_root=args.runs, show_progress=not args.no_progress,
-                        overrides=overrides, cached_only=args.cached_only)
+                        overrides=overrides, cached_only=args.cached_only, attacks=args.attacks)
     md = out_csv.with_suffix(".md")
     sizes = sorted({int(r["clean_per_class"]) for r in rows}, reverse=True)
     text = [f"# {name}\n", f"ASR/ACC (%) after each defense; rows from `{out_csv}`; "

@@ -100,7 +100,7 @@ def test_a_defense_entry_narrows_its_seeds_and_split_sizes():
     assert all("seed" not in c["defense"] and "clean_per_class" not in c["defense"] for c in expand_grid(grid))
     cmp = expand_grid(yaml.safe_load(open("configs/benchmarks/image_fashionmnist_compare.yaml")))
     assert sorted({c["seed"] for c in cmp if c["defense"]["name"] != "nft"}) == [0]
-    assert sorted({c["seed"] for c in cmp if c["defense"] == {"name": "nft"}}) == [0, 1, 2]
+    assert sorted({c["seed"] for c in cmp if c["defense"]["name"] == "nft" and "label" not in c["defense"]}) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs/benchmarks").glob("*.yaml")))
@@ -168,3 +168,27 @@ def test_cached_only_skips_cells_without_a_trained_victim(tmp_path):
     assert [r["attack"] for r in rows] == ["badnets"]
     assert any(line.startswith("[skip] blend") for line in lines)
     assert len(list((tmp_path / "v").iterdir())) == 1  # nothing was trained
+
+
+def test_one_process_per_attack_shares_the_grid_and_its_csv(tmp_path):
+    from core.benchmark import merge_rows
+
+    grid = {"base": "configs/image/digits_badnets.yaml",
+            "grid": {"attack": [{"name": "badnets", "patch_size": 2}, {"name": "blend"}],
+                     "defense": [{"name": "ft", "options": {"steps": 5}}], "clean_per_class": [5]}}
+    out = tmp_path / "r.csv"
+    kw = {"out_csv": out, "victims_root": tmp_path / "v", "show_progress": False, "echo": lambda _: None}
+    first = run_grid(grid, get_modality, attacks=["blend"], **kw)
+    assert [r["attack"] for r in first] == ["blend"]
+    rows = run_grid(grid, get_modality, attacks=["badnets", "blend"], **kw)   # only the missing cell runs
+    assert sorted(r["attack"] for r in rows) == ["badnets", "blend"] and len(read_rows(out)) == 2
+    # A process merges its rows into the file as it is on disk: another's rows stay, a row of its own cell is replaced.
+    other = {**rows[0], "defense": "nft", "acc_after": "1.0"}
+    merge_rows(out, [other])
+    again = {**rows[0], "acc_after": "2.0"}
+    merged = merge_rows(out, [again])
+    assert len(merged) == 3 and len(read_rows(out)) == 3
+    assert [r["acc_after"] for r in read_rows(out) if r["defense"] == rows[0]["defense"]
+            and r["attack"] == rows[0]["attack"]] == ["2.0"]
+    with pytest.raises(ValueError, match="not an attack label of this grid"):
+        run_grid(grid, get_modality, attacks=["wanet"], **kw)

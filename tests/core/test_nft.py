@@ -37,7 +37,7 @@ def test_universal_perturbation_stays_in_its_ball():
         for _ in range(5):
             u.delta.grad = torch.randn(1, 4, 4, generator=g)
             u.ascend()
-        size = u.delta.abs().max() if norm == "linf" else u.delta.norm()
+        size = u.delta.detach().abs().max() if norm == "linf" else u.delta.detach().norm()
         assert float(size) <= eps + 1e-6 and u.delta.requires_grad
 
 
@@ -307,15 +307,16 @@ def test_adv_count_gives_each_perturbation_its_own_slice_of_the_perturbed_share(
 
 
 class _PlantedBackdoor(torch.nn.Module):
-    """A classifier with a planted pathway: the bottom-right 2x2 corner drives class 3."""
+    """A classifier with a planted pathway: the bottom-right 2x2 corner (``dense``: the whole image's mean) drives class 3."""
 
-    def __init__(self, base: torch.nn.Module) -> None:
+    def __init__(self, base: torch.nn.Module, dense: bool = False) -> None:
         super().__init__()
-        self.base = base
+        self.base, self.dense = base, dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        return out + 60.0 * x[:, :, -2:, -2:].mean(dim=(1, 2, 3))[:, None] * torch.nn.functional.one_hot(
+        region = x if self.dense else x[:, :, -2:, -2:]
+        return out + 60.0 * region.mean(dim=(1, 2, 3))[:, None] * torch.nn.functional.one_hot(
             torch.tensor(3), out.shape[1]).to(out)
 
 
@@ -391,7 +392,7 @@ def test_nft_targeted_init_reports_the_suspects_and_refuses_unknown_inits(digits
             "adv_count": 2, "adv_init_top": 1}
     res = NFT(**opts).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
     suspects = res.info["suspected_targets"]
-    assert suspects[0]["class"] == 3 and set(suspects[0]) == {"class", "loss", "reach", "targeted_start"}
+    assert suspects[0]["class"] == 3 and set(suspects[0]) == {"class", "loss", "reach", "targeted_start", "norm", "eps"}
     assert suspects[0]["targeted_start"] and set(suspects[1]) == {"class", "loss", "reach"}
     line = describe_suspects(res.info)   # what tools/purify.py and the demo print
     assert "class 3 is reached most easily" in line and line.endswith("the perturbation started from it")
@@ -486,7 +487,9 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
     assert image_adapter.defense_defaults["nft"] == {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5,
                                                      "adv_init": "auto", "adv_init_margin": 2.0,
                                                      "adv_targeted_lr": 0.0, "adv_target_weight": 1.0,
-                                                     "small_split_steps": 100}
+                                                     "small_split_steps": 100,
+                                                     "adv_init_families": [{"norm": "l1", "eps": 12.0}],
+                                                     "adv_init_keep": 3}
     cfg = make_defense(image_adapter, "nft").cfg
     assert cfg["bn_recalibrate"] == "shift" and cfg["recover_mixup_frac"] == 0.5
     assert cfg["adv_init"] == "auto" and cfg["adv_init_margin"] == 2.0 and cfg["adv_init_min_samples"] == 100
@@ -656,3 +659,120 @@ def test_nft_on_a_one_shot_split_logs_small_split_steps_of_phase_one(digits, ima
                                                                                        show_progress=False))
     assert res.info["config"]["steps"] == 7
     assert max(r["step"] for r in res.log if "loss" in r) == 10   # 7 main + 3 recovery steps, then it stops
+
+
+def test_l1_projection_is_the_nearest_point_of_the_ball():
+    from core.nft import project_l1_ball
+
+    inside = torch.tensor([0.5, -0.25, 0.0])
+    assert torch.equal(project_l1_ball(inside, 1.0), inside)
+    # Hand-computed: soft-thresholding of (3, -1, 0.5) at theta = 1 gives (2, 0, 0), L1 length 2.
+    torch.testing.assert_close(project_l1_ball(torch.tensor([3.0, -1.0, 0.5]), 2.0), torch.tensor([2.0, 0.0, 0.0]))
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(3, 5, 5, generator=g) * 4
+    p = project_l1_ball(d, 6.0)
+    assert abs(float(p.abs().sum()) - 6.0) < 1e-4 and p.shape == d.shape
+    # No other point of the ball on a random direction from p is closer to d (first-order optimality).
+    for _ in range(20):
+        q = project_l1_ball(p + 0.05 * torch.randn(p.shape, generator=g), 6.0)
+        assert float((d - p).norm()) <= float((d - q).norm()) + 1e-5
+    assert torch.equal(project_l1_ball(d, 0.0), torch.zeros_like(d))
+
+
+def test_l1_perturbation_moves_few_inputs_and_stays_in_its_ball():
+    g = torch.Generator().manual_seed(0)
+    u = UniversalPerturbation((1, 10, 10), 3.0, 0.5, "l1", torch.device("cpu"), g)
+    assert float(u.delta.detach().abs().sum()) <= 3.0 + 1e-6
+    start = u.delta.detach().clone()
+    grad = torch.zeros(1, 10, 10)
+    grad[0, 9, 9], grad[0, 0, 0] = 5.0, -4.0            # two inputs carry the whole gradient
+    u.delta.grad = grad
+    u.ascend()
+    moved = (u.delta.detach() - start).abs() > 1e-7
+    # The step moves the top 5% of coordinates that have a gradient (here two), by L1 length 0.5 in all; the
+    # random start sits well inside the ball (L1 about 1.5), so no projection moves the others.
+    assert int(moved.sum()) == 2 and abs(float((u.delta.detach() - start).abs().sum()) - 0.5) < 1e-6
+    d = u.delta.detach()
+    assert float(d[0, 9, 9]) > float(start[0, 9, 9]) and float(d[0, 0, 0]) < float(start[0, 0, 0])
+    for _ in range(30):
+        u.delta.grad = torch.randn(1, 10, 10, generator=g)
+        u.ascend()
+        assert float(u.delta.detach().abs().sum()) <= 3.0 + 1e-5 and u.delta.requires_grad
+    with pytest.raises(ValueError, match="adv_norm must be one of"):
+        UniversalPerturbation((1, 4, 4), 1.0, 0.1, "l0", torch.device("cpu"), g)
+
+
+def test_perturbation_families_scale_l1_by_channels_and_refuse_bad_entries():
+    from core.nft import perturbation_families
+
+    cfg = {**DEFAULTS, "adv_init_families": [{"norm": "l1", "eps": 4}, {"norm": "l2", "eps": 2.0, "lr": 0.3}]}
+    fams = perturbation_families(cfg, (3, 8, 8))
+    assert fams[0] == {"norm": "linf", "eps": 0.2, "lr": 0.01}
+    assert fams[1] == {"norm": "l1", "eps": 12.0, "lr": pytest.approx(12.0 * 0.01 / 0.2)}   # 4 per channel
+    assert fams[2] == {"norm": "l2", "eps": 2.0, "lr": 0.3}
+    for bad in ({"norm": "l0", "eps": 1}, {"norm": "l1"}, {"norm": "l1", "eps": 2, "step": 1}, "l1"):
+        with pytest.raises(ValueError, match="adv_init_families"):
+            perturbation_families({**cfg, "adv_init_families": [bad]}, (1, 8, 8))
+
+
+def test_targeted_start_takes_the_family_in_which_a_class_stands_out(digits, image_adapter, small_model):
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    ctx = DefenseContext(clean_per_class=5, show_progress=False)
+    opts = {"steps": 2, "recover_steps": 0, "batch_size": 16, "adv_init": "targeted", "adv_init_steps": 10,
+            "adv_eps": 0.02, "adv_lr": 0.001, "adv_init_margin": 2.0,
+            "adv_init_families": [{"norm": "l1", "eps": 4}]}
+    # A 2x2 corner patch: four full-scale pixels (L1 4) reach class 3; an L-inf ball of 0.02 barely moves it.
+    res = NFT(**opts).run(_PlantedBackdoor(copy.deepcopy(small_model)), image_adapter, clean, ctx)
+    top, search = res.info["suspected_targets"][0], res.info["perturbation_search"]
+    assert top["class"] == 3 and top["targeted_start"] and (top["norm"], top["eps"]) == ("l1", 4.0)
+    assert [f["norm"] for f in search] == ["linf", "l1"] and search[1]["ratio"] > max(search[0]["ratio"], 2.0)
+    line = describe_suspects(res.info)
+    assert line.startswith("targeted search (L1 ball 4): class 3") and "[L-inf ball 0.02: class" in line
+    # (NFT folds into the model it is given: each run gets its own copy.)
+    # A dense pathway (the image's mean): the L-inf ball of 0.2 moves every pixel, the L1 ball of 4 a sixteenth.
+    dense = {**opts, "adv_eps": 0.2, "adv_lr": 0.01}
+    res = NFT(**dense).run(_PlantedBackdoor(copy.deepcopy(small_model), dense=True), image_adapter, clean, ctx)
+    top, search = res.info["suspected_targets"][0], res.info["perturbation_search"]
+    assert top["class"] == 3 and top["targeted_start"] and top["norm"] == "linf"
+    assert search[0]["ratio"] > search[1]["ratio"]
+    # When the first family wins, the run is the one without further families, to the bit.
+    alone = NFT(**{**dense, "adv_init_families": []}).run(_PlantedBackdoor(copy.deepcopy(small_model), dense=True), image_adapter, clean, ctx)
+    for name, mask in res.extras["masks"].items():
+        assert torch.equal(mask, alone.extras["masks"][name])
+
+
+def test_trainer_switches_its_perturbations_to_the_winning_family(digits, image_adapter, small_model):
+    from core.nft import start_mask_training
+
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    cfg = {**DEFAULTS, "steps": 2, "recover_steps": 0, "batch_size": 16, "adv_init": "targeted", "adv_init_steps": 10,
+           "adv_eps": 0.02, "adv_lr": 0.001, "adv_count": 2, "adv_init_margin": 2.0,
+           "adv_init_families": [{"norm": "l1", "eps": 4, "lr": 0.25}]}
+    trainer, _ = start_mask_training(_PlantedBackdoor(small_model), image_adapter, clean, cfg, 5, torch.device("cpu"), 0)
+    assert [(u.norm, u.eps, u.lr) for u in trainer.uaps] == [("l1", 4.0, 0.25)] * 2
+    assert trainer.suspect["class"] == 3 and float(trainer.uaps[0].delta.abs().sum()) <= 4.0 + 1e-5
+    torch.testing.assert_close(trainer.uaps[0].delta.detach(), trainer.suspect["delta"])   # started from delta_3
+
+
+def test_search_with_successive_halving_keeps_the_full_searchs_head(digits, image_adapter, small_model):
+    from core.nft import targeted_perturbation_search
+
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    model = _PlantedBackdoor(small_model)
+    calls = []
+    counting = torch.nn.Module.register_forward_hook(model, lambda *a: calls.append(1))
+    full = targeted_perturbation_search(model, image_adapter, clean, (1, 8, 8), 0.1, "linf", 8, 32,
+                                        torch.device("cpu"), torch.Generator().manual_seed(0))
+    n_full = len(calls)
+    calls.clear()
+    halved = targeted_perturbation_search(model, image_adapter, clean, (1, 8, 8), 0.1, "linf", 8, 32,
+                                          torch.device("cpu"), torch.Generator().manual_seed(0), keep=3)
+    counting.remove()
+    # 10 classes x 2 steps, then 3 x 6: 38 descent passes (+ 10 rankings after the quarter) instead of 80.
+    assert (n_full, len(calls)) == (1 + 10 * 8 + 10, 1 + 10 * 2 + 10 + 3 * 6 + 10)
+    assert sorted(r["class"] for r in halved) == list(range(10))
+    head = {r["class"] for r in full[:2]}
+    assert head <= {r["class"] for r in halved[:3]} and halved[0]["class"] == full[0]["class"] == 3
+    for a in halved[:2]:   # the kept classes descended exactly as in the full search
+        b = next(r for r in full if r["class"] == a["class"])
+        assert torch.equal(a["delta"], b["delta"]) and a["loss"] == b["loss"]

@@ -9,7 +9,11 @@ forced targeted start 45.8%). The issue's target (ASR < 10%) is not met and is k
 xfail so that reaching it is noticed. Session 21 (test-set diagnostic only): two channels of ``bn2`` carry the
 backdoor (zeroing channel 17: ASR 20.7% at ACC 90.4; 17 and 19: 4.7% at 87.1), and NFT's masks leave them at
 0.43-0.86; no single global change tried (L2 perturbation, eps 0.4, masks down to 0, lr 0.2, more perturbations,
-a larger perturbed share, a forced targeted start) took all three splits below 10% (README, "Known gaps").
+a larger perturbed share, a forced targeted start) took all three splits below 10% (README, "Known gaps"). Session 22: the search's L1 family (12
+full-scale pixels) names the target on all three splits (loss ~0 against 0.03 for the runner-up; the L-inf search ranked
+9, 0 and 8 first), and NFT ends at 92.89 / 18.97, 94.44 / 19.21, 94.22 / 33.74 (L-inf only: 93.11 / 22.41, 94.89 / 38.67,
+93.56 / 29.56). Phase one alone closes it (2-5%) at 86-91% accuracy; recovery re-opens it as accuracy returns, and a watch
+on delta_t that stops recovery keeps 2% at 87% (README, "Known gaps").
 Measured why (sessions 1-6, generic default): on this victim much of what lowers the ASR is the BN running statistics left by training-mode mask tuning, not the
 masks. Without BN recalibration the generic default reaches 44% (Blend: 0.5%, at ACC 82); the
 official preset's Blend removal (ASR 3.7%) returns to 85% once its statistics are recalibrated on
@@ -46,7 +50,7 @@ def test_victim_is_backdoored(digits_victim):
 
 def test_nft_weakens_backdoor_and_keeps_accuracy(digits_victim, image_adapter):
     before, after = _purify(image_adapter, digits_victim)
-    assert after["asr"] <= before["asr"] - 50, after   # 97 -> 22 measured (session 17)
+    assert after["asr"] <= before["asr"] - 50, after   # 97 -> 22 measured (session 17), 97 -> 19 (session 22)
     assert after["acc"] >= before["acc"] - 5, after
 
 
@@ -59,7 +63,7 @@ def test_nft_default_beats_official_settings(digits_victim, image_adapter):
     assert default["asr"] < official["asr"] - 5, (default, official)
 
 
-@pytest.mark.xfail(strict=True, reason="issue target ASR < 10% not reached on the 8x8 digits victim (measured 22%)")
+@pytest.mark.xfail(strict=True, reason="issue target ASR < 10% not reached on the 8x8 digits victim (measured 19%)")
 def test_nft_removes_backdoor_below_10_percent(digits_victim, image_adapter):
     before, after = _purify(image_adapter, digits_victim)
     assert after["asr"] < 10 and after["acc"] >= before["acc"] - 5
