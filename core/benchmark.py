@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import hashlib
 import itertools
 import tempfile
@@ -28,6 +27,11 @@ from .registry import DEFENSES
 from .rundir import write_csv
 from .utils import autocast as autocast_ctx
 from .utils import pick_device, progress, to_memory_format
+
+try:
+    import fcntl
+except ImportError:   # Windows: no advisory file locks; run one process per results file there
+    fcntl = None
 
 COLUMNS = ["dataset", "model", "attack", "defense", "clean_per_class", "seed", "acc_before", "asr_before", "ra_before",
            "acc_after", "asr_after", "ra_after", "der", "seconds", "preset", "options", "victim", "speed"]
@@ -57,6 +61,9 @@ def _csv_lock(path: str | Path):
     Why: two processes of one grid (e.g. one attack each, on a core each) append to the same CSV; each
     re-reads it under the lock before writing, so neither overwrites the other's rows.
     """
+    if fcntl is None:
+        yield
+        return
     digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
     with open(Path(tempfile.gettempdir()) / f"nft-purify-{digest}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

@@ -192,3 +192,28 @@ def test_one_process_per_attack_shares_the_grid_and_its_csv(tmp_path):
             and r["attack"] == rows[0]["attack"]] == ["2.0"]
     with pytest.raises(ValueError, match="not an attack label of this grid"):
         run_grid(grid, get_modality, attacks=["wanet"], **kw)
+
+
+def _merge_many(out, tag, n, barrier):
+    from core.benchmark import merge_rows
+
+    barrier.wait()   # both processes merge at the same time
+    for i in range(n):
+        merge_rows(out, [{"dataset": "d", "model": "m", "attack": tag, "defense": "nft", "clean_per_class": 60,
+                          "seed": i, "acc_after": 1.0}])
+
+
+def test_two_processes_merging_into_one_csv_lose_no_row(tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "r.csv"
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_merge_many, args=(out, tag, 150, barrier)) for tag in ("badnets", "blend")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted((r["attack"], int(r["seed"])) for r in read_rows(out)) == sorted(
+        (tag, i) for tag in ("badnets", "blend") for i in range(150))
