@@ -486,13 +486,14 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
 
     assert image_adapter.defense_defaults["nft"] == {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5,
                                                      "adv_init": "auto", "adv_init_margin": 2.0,
+                                                     "adv_init_min_samples": 10,
                                                      "adv_targeted_lr": 0.0, "adv_target_weight": 1.0,
                                                      "small_split_steps": 100,
                                                      "adv_init_families": [{"norm": "l1", "eps": 12.0}],
                                                      "adv_init_keep": 3}
     cfg = make_defense(image_adapter, "nft").cfg
     assert cfg["bn_recalibrate"] == "shift" and cfg["recover_mixup_frac"] == 0.5
-    assert cfg["adv_init"] == "auto" and cfg["adv_init_margin"] == 2.0 and cfg["adv_init_min_samples"] == 100
+    assert cfg["adv_init"] == "auto" and cfg["adv_init_margin"] == 2.0 and cfg["adv_init_min_samples"] == 10
     # A grid entry pins the random start of sessions 7-16 for the rows that ran with it.
     assert make_defense(image_adapter, "nft", {"adv_init": "random"}).cfg["adv_init"] == "random"
     # The core default alone (what image NFT ran before these settings) stays reachable by name.
