@@ -21,8 +21,8 @@ import torch
 from .adapter import Modality
 from .config import deep_merge, load_yaml
 from .defenses.base import DefenseContext
-from .pipeline import (SPEED_KEYS, attack_from_run, cached_victim, get_or_train_victim, load_bundle, make_defense,
-                       purify_to_run)
+from .pipeline import (SPEED_KEYS, attack_from_run, cached_victim, defense_speed, get_or_train_victim, load_bundle,
+                       make_defense, purify_to_run, speed_label, speed_options)
 from .registry import DEFENSES
 from .rundir import write_csv
 from .utils import autocast as autocast_ctx
@@ -407,6 +407,37 @@ def plot_results(rows: List[Dict[str, Any]], path: str | Path) -> Path:
     a2.set_ylabel("median wall seconds of the defense"); a2.tick_params(axis="x", rotation=45, labelsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def step_time_report(adapter: Modality, model: torch.nn.Module, clean: Any, *, device: Optional[torch.device] = None,
+                     **kwargs: Any) -> Dict[str, Any]:
+    """:func:`step_times` in fp32 (the top-level keys) and, where the modality's NFT runs otherwise by default
+    (bf16 / channels_last on this device), both steps again computed that way under ``at_nft_speed``.
+
+    Why both: the fp32 pair is comparable across machines and sessions; the second is the computation a
+    default NFT run uses (FT timed in it too, so the ratio still compares the same kernels).
+    """
+    device = device or pick_device(None)
+    report: Dict[str, Any] = step_times(adapter, model, clean, device=device, **kwargs)
+    speed = speed_options(defense_speed(adapter, {"name": "nft"}), device)
+    if any(speed.values()):
+        fast = step_times(adapter, model, clean, device=device, autocast=speed["autocast"],
+                          channels_last=speed["channels_last"], **kwargs)
+        report["at_nft_speed"] = {"speed": speed_label(speed), **fast}
+    return report
+
+
+def step_time_lines(t: Dict[str, Any]) -> str:
+    """The Markdown section of a step-time report (either shape: with or without ``at_nft_speed``)."""
+    text = (f"\n## Step time (same batch of {t['batch_size']}, same victim)\n\n"
+            f"NFT {t['nft_step_s'] * 1000:.1f} ms/step, FT {t['ft_step_s'] * 1000:.1f} ms/step, "
+            f"ratio NFT/FT = {t['ratio']:.3f} ({t['num_masks']} masks vs {t['num_weights']} weights; both fp32)\n")
+    fast = t.get("at_nft_speed")
+    if fast:
+        text += (f"\nIn NFT's default computation here ({fast['speed']}, FT computed the same way): "
+                 f"NFT {fast['nft_step_s'] * 1000:.1f} ms/step, FT {fast['ft_step_s'] * 1000:.1f} ms/step, "
+                 f"ratio NFT/FT = {fast['ratio']:.3f}\n")
+    return text
 
 
 def step_times(adapter: Modality, model: torch.nn.Module, clean: Any, *, nft_options: Optional[Dict[str, Any]] = None,

@@ -4,7 +4,8 @@
     python tools/benchmark.py --grid configs/benchmarks/image_fashionmnist.yaml
 Victims are cached under runs/victims/; rows already in the CSV are skipped (resumable).
 Writes results/<name>.csv, results/<name>.md (Table 1 layout) and results/<name>.png;
-with step_time, also the NFT/FT seconds-per-step ratio (results/<name>_step_time.json).
+with step_time, also the NFT/FT seconds-per-step ratio (results/<name>_step_time.json), in fp32 and in the
+computation NFT runs in by default on this device (bf16 + channels_last where bf16 is native).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from core.benchmark import (grids_writing, markdown_table, plot_results, prepare_victims, read_rows, run_grid,
-                            step_times, time_ratio_lines)
+                            step_time_lines, step_time_report, time_ratio_lines)
 from core.cli import run_main
 from core.config import load_config, load_yaml
 from core.pipeline import get_or_train_victim, load_bundle
@@ -70,15 +71,12 @@ def main() -> None:
         bundle = load_bundle(adapter, base)
         victim, _ = get_or_train_victim(adapter, base, show_progress=not args.no_progress, bundle=bundle)
         clean, _ = adapter.clean_split(bundle, int((base.get("defense") or {}).get("clean_per_class", 60)), 0)
-        t = step_times(adapter, victim, clean, device=pick_device(base.get("device")))
+        t = step_time_report(adapter, victim, clean, device=pick_device(base.get("device")))
         write_json(step_json, t)
-        print(f"step time: NFT {t['nft_step_s'] * 1000:.1f} ms, FT {t['ft_step_s'] * 1000:.1f} ms, ratio {t['ratio']:.3f}")
     elif grid.get("step_time") and step_json.exists():
         t = read_json(step_json)   # a report without a new measurement keeps the last one
     if t is not None:
-        text.append(f"\n## Step time (same batch of {t['batch_size']}, same victim)\n\n"
-                    f"NFT {t['nft_step_s'] * 1000:.1f} ms/step, FT {t['ft_step_s'] * 1000:.1f} ms/step, "
-                    f"ratio NFT/FT = {t['ratio']:.3f} ({t['num_masks']} masks vs {t['num_weights']} weights)\n")
+        text.append(step_time_lines(t))
     md.write_text("".join(text))
     plot_results(rows, out_csv.with_suffix(".png"))
     print("".join(text))

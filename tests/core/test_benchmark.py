@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from core.benchmark import (attack_label_of, cell_config, expand_grid, markdown_table, prepare_victims, read_rows,
-                            run_grid, step_times, time_ratio, time_ratio_lines)
+                            run_grid, step_time_lines, step_time_report, step_times, time_ratio,
+                            time_ratio_lines)
 from modalities import get_modality
 
 
@@ -83,6 +84,19 @@ def test_step_time_ratio_is_measured(digits, image_adapter, small_model):
     fast = step_times(image_adapter, small_model, clean, batch_size=32, repeats=2, warmup=1, autocast=True,
                       channels_last=True)
     assert fast["nft_step_s"] > 0 and fast["ft_step_s"] > 0
+
+
+def test_step_time_report_also_times_nfts_default_computation(digits, image_adapter, small_model):
+    # the image modality's NFT runs with channels_last (and bf16 where native): both steps are timed that way too
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    t = step_time_report(image_adapter, small_model, clean, batch_size=32, repeats=2, warmup=1, rounds=2)
+    fast = t["at_nft_speed"]
+    assert fast["speed"].endswith("+channels_last") and fast["ratio"] == fast["nft_step_s"] / fast["ft_step_s"]
+    assert t["ratio"] == t["nft_step_s"] / t["ft_step_s"]
+    lines = step_time_lines(t)
+    assert f"ratio NFT/FT = {t['ratio']:.3f}" in lines and f"({fast['speed']}, FT computed the same way)" in lines
+    old = {k: v for k, v in t.items() if k != "at_nft_speed"}   # a file written before the second timing
+    assert "default computation" not in step_time_lines(old)
 
 
 def test_shipped_grid_file_expands():

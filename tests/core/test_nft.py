@@ -600,8 +600,13 @@ def test_a_targeted_start_can_hold_delta_t_and_push_away_from_the_suspect(digits
     held = trainer_for(opts)
     assert held.suspect["class"] == 3 and held.uap.lr == 0.0
     start = held.uap.delta.detach().clone()
+    grads_seen = []
+    ascend = held.uap.ascend
+    held.uap.ascend = lambda: (grads_seen.append(held.uap.delta.grad), ascend())
     steps = [held.step(x, y, s) for s in range(3)]
-    torch.testing.assert_close(held.uap.delta.detach(), start)          # delta_t held
+    assert torch.equal(held.uap.delta.detach(), start)                  # delta_t held, to the bit
+    # ... and detached from the step: its input gradient is never computed (nothing reads it), the masks' still is
+    assert grads_seen == [None] * 3 and all(m.grad is not None for m in held.masks.parameters())
     assert all(float(r["loss"]) > float(r["task_loss"]) for r in steps)   # the away term is in the loss
     # Without a suspect (no class stands out) the perturbation starts random and ascends at adv_lr, no away term.
     rand = trainer_for(dict(opts, adv_init_margin=1e12))
