@@ -386,7 +386,7 @@ def time_ratio_lines(rows: Iterable[Dict[str, Any]]) -> str:
             continue
         names = ", ".join(f"{d} {m:.1f}" for d, m in t["against"].items())
         out.append(f"\n{label} / median({names}) = {t['seconds']:.1f} / {t['median_against']:.1f} = "
-                   f"**{t['ratio']:.2f}** (median seconds per defense over its cells); {label} is faster than "
+                   f"**{t['ratio']:.3f}** (median seconds per defense over its cells); {label} is faster than "
                    f"{', '.join(t['slower']) or 'none of them'}, not faster than {', '.join(t['not_slower']) or 'any'}.\n")
     return "".join(out)
 

@@ -67,12 +67,12 @@ def test_time_ratio_against_the_median_of_the_baselines():
     assert t["seconds"] == 50 and t["median_against"] == 200 and t["ratio"] == 0.25
     assert t["slower"] == ["anp", "awm", "ft-sam"] and t["not_slower"] == ["i-bau", "rnp"]
     lines = time_ratio_lines(rows)
-    assert "nft / median(" in lines and "= 50.0 / 200.0 = **0.25**" in lines and "not faster than i-bau, rnp" in lines
+    assert "nft / median(" in lines and "= 50.0 / 200.0 = **0.250**" in lines and "not faster than i-bau, rnp" in lines
     assert time_ratio([row("nft", 1), row("ft", 2)]) is None and time_ratio_lines([row("ft", 2)]) == ""
     # every NFT column gets its line; baselines match by name whatever their preset or speed suffix
     fast = [row("nft+autocast+channels_last", 20), row("nft[generic]", 40), row("anp+autocast+channels_last", 100)]
     lines = time_ratio_lines(fast)
-    assert "nft+autocast+channels_last / median(anp 100.0) = 20.0 / 100.0 = **0.20**" in lines
+    assert "nft+autocast+channels_last / median(anp 100.0) = 20.0 / 100.0 = **0.200**" in lines
     assert "nft[generic] / median(anp 100.0) = 40.0 / 100.0" in lines
 
 
