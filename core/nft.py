@@ -412,6 +412,11 @@ class UniversalPerturbation:
         n = d.norm()
         return d * min(1.0, self.eps / (float(n) + 1e-12))
 
+    def applied(self) -> torch.Tensor:
+        """The delta a training step adds: detached where it does not move (lr 0, e.g. a held targeted start), so
+        the backward skips the input gradient nobody reads (the first layer's data gradient: ~5% of an image step)."""
+        return self.delta if self.lr > 0 else self.delta.detach()
+
     @torch.no_grad()
     def ascend(self) -> None:
         g = self.delta.grad
@@ -585,8 +590,8 @@ class MaskTrainer:
             count = int(cfg.get("adv_count", 1))
             if count < 1:
                 raise ValueError(f"nft.adv_count must be >= 1, got {count}")
-            eps, lr = (perturbation_radius(cfg["adv_norm"], cfg[k], tuple(shape)) for k in ("adv_eps", "adv_lr"))
-            self.uaps = [UniversalPerturbation(tuple(shape), eps, lr, cfg["adv_norm"], device, generator)
+            base = perturbation_families(cfg, tuple(shape))[0]   # also checks adv_init_families here, not mid-run
+            self.uaps = [UniversalPerturbation(tuple(shape), base["eps"], base["lr"], base["norm"], device, generator)
                          for _ in range(count)]
         recover_lr_at(0, cfg)   # an unknown recovery schedule fails here, not after the main phase
         if float(cfg["adv_target_weight"]) < 0:
@@ -633,7 +638,7 @@ class MaskTrainer:
             if c["adv_reset"] and step > 0 and step % int(c["adv_reset"]) == 0:
                 for u in uaps:
                     u.reset()
-            x = self._perturb_share(x, [self._live(u) for u in uaps])
+            x = self._perturb_share(x, [u.applied() for u in uaps])
         x = to_memory_format(self.model, x, self.channels_last)
         with autocast(self.device, self.use_autocast):
             out = adapter.forward(self.model, x)
@@ -653,12 +658,6 @@ class MaskTrainer:
         for u in uaps:
             u.ascend()
         return {"loss": loss.detach(), "task_loss": task.detach(), "lambda": lam}
-
-    @staticmethod
-    def _live(u: UniversalPerturbation) -> torch.Tensor:
-        """``u``'s delta as the step uses it: detached where it does not move (a held targeted start, lr 0), so the
-        backward skips the input gradient nobody reads (the first layer's data gradient: ~4% of an image step)."""
-        return u.delta if u.lr > 0 else u.delta.detach()
 
     def _perturbed_count(self, n: int, frac: Optional[float] = None) -> int:
         """How many of a batch of ``n`` carry the perturbation (the first ones): ``frac`` of it, default ``adv_frac``."""
@@ -699,7 +698,7 @@ class MaskTrainer:
         x = self.adapter.augment(x, c["recover_augment"], self.g)
         uaps = self.uaps if mode else []
         if uaps:
-            x = self._perturb_share(x, [self._live(u) if mode == "live" else u.delta.detach() for u in uaps],
+            x = self._perturb_share(x, [u.applied() if mode == "live" else u.delta.detach() for u in uaps],
                                     c.get("recover_adv_frac"))
         ya, yb, lam = y, y, 1.0
         alpha = float(c["mixup_alpha"] if c.get("recover_mixup_alpha") is None else c["recover_mixup_alpha"])
@@ -856,7 +855,7 @@ def start_perturbations(trainer: "MaskTrainer", clean: Dataset, device: torch.de
                 u.lr = float(c["adv_targeted_lr"])
         trainer.suspect = {"class": int(found[0]["class"]), "delta": found[0]["delta"].detach().clone()}
     else:   # no family singles a class out: report the first family's ranking, start random in it
-        ratio, best, fam, found = results[0]
+        _, _, fam, found = results[0]
     trainer.suspects = [{k: v for k, v in r.items() if k != "delta"} for r in found]
     trainer.suspects[0].update(targeted_start=bool(outlier), norm=fam["norm"], eps=fam["eps"])
 
