@@ -91,7 +91,7 @@ class ImageModality(Modality):
         elif name == "mnist" and not s["root"]:
             train, test = image_data.load_mnist()
         elif name == "digits":
-            train, test = image_data.load_digits_split(int(s["seed"]))
+            train, test = image_data.load_digits_split(int(s["seed"]), s["size"])
         elif name in ("mnist", "cifar10", "cifar100", "gtsrb", "tiny-imagenet"):
             train, test = image_data.load_torchvision(name, s["root"], s["size"])
         elif name == "imagefolder":

@@ -90,12 +90,17 @@ def load_mnist(root: Optional[str] = None) -> Tuple[ImageTensorDataset, ImageTen
     return load_idx_dataset(roots, [str(i) for i in range(10)])
 
 
-def load_digits_split(seed: int = 0) -> Tuple[ImageTensorDataset, ImageTensorDataset]:
-    """scikit-learn's bundled 8x8 digits (1,797 images), a seeded 75/25 stratified split."""
+def load_digits_split(seed: int = 0, size: Optional[int] = None) -> Tuple[ImageTensorDataset, ImageTensorDataset]:
+    """scikit-learn's bundled 8x8 digits (1,797 images), a seeded 75/25 stratified split; ``size``: upscaled
+    (bilinear) to ``size`` x ``size``, so that a trigger of a few pixels is as small a share of the image as on
+    28x28 data."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(np.clip(d.images * 16.0, 0, 255).astype(np.uint8)).unsqueeze(1)
+    x = torch.from_numpy(np.clip(d.images * 16.0, 0, 255).astype(np.float32)).unsqueeze(1)
+    if size and int(size) != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(int(size), int(size)), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8)
     y = torch.from_numpy(d.target.astype(np.int64))
     g = torch.Generator().manual_seed(seed)
     train_idx, test_idx = [], []

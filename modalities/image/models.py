@@ -2,7 +2,7 @@
 triggers and perturbations live in pixel space. Any channel count and input size."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +53,24 @@ class PreActBlock(nn.Module):
         return out + sc
 
 
+MAX_WIDTH_MULTIPLIER = 8.0
+
+
+def _resnet_widths(width: float) -> List[int]:
+    """Channels of the four stages for a width multiplier of the paper's 64/128/256/512."""
+    if not 0 < float(width) <= MAX_WIDTH_MULTIPLIER:
+        # A channel count passed as a multiplier (small_cnn's width 16) builds billions of weights and
+        # runs out of memory minutes later; fail at once instead.
+        raise ValueError(f"model.width {width} is a multiplier of the ResNet's 64/128/256/512 channels (1 = the paper's "
+                         f"model, 0.25 = the CPU benchmark model), at most {MAX_WIDTH_MULTIPLIER:g}; set model.width=0.25")
+    return [max(1, int(round(c * float(width)))) for c in (64, 128, 256, 512)]
+
+
 class PreActResNet(nn.Module):
     def __init__(self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
         super().__init__()
-        w = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
+        w = _resnet_widths(width)
         self.normalize = _norm(in_channels, mean, std)
         self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
         self.in_planes = w[0]
@@ -109,7 +122,7 @@ class ResNetCifar(nn.Module):
     def __init__(self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
         super().__init__()
-        w = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
+        w = _resnet_widths(width)
         self.normalize = _norm(in_channels, mean, std)
         self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(w[0])

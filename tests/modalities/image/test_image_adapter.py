@@ -17,6 +17,15 @@ def test_digits_bundle_splits_are_disjoint_and_reserve_is_per_class(digits, imag
     assert overlap < 10  # digits has a few exact duplicate images; indices are disjoint by construction
 
 
+def test_digits_upscaled_keep_split_labels_and_content(digits, image_adapter):
+    big = image_adapter.load_data({"name": "digits", "reserve_per_class": 30, "size": 16})
+    assert big.info["height"] == 16 and big.info["width"] == 16 and big.train.images.dtype == torch.uint8
+    assert torch.equal(big.train.targets, digits.train.targets) and torch.equal(big.test.targets, digits.test.targets)
+    # the same images, only larger: averaging 2x2 blocks gives back (a blurred) 8x8 digit
+    down = torch.nn.functional.avg_pool2d(big.test.images[:50].float(), 2).flatten()
+    assert torch.corrcoef(torch.stack([down, digits.test.images[:50].float().flatten()]))[0, 1] > 0.95
+
+
 def test_clean_split_is_seeded_and_balanced(digits, image_adapter):
     a, ia = image_adapter.clean_split(digits, 5, seed=1)
     b, ib = image_adapter.clean_split(digits, 5, seed=1)
@@ -53,6 +62,13 @@ def test_models_any_channels_and_size(arch, channels, size, image_adapter):
     units = image_adapter.maskable_units(model)
     assert units, "every model has maskable normalisation layers"
     assert all("normalize" not in u for u in units)
+
+
+@pytest.mark.parametrize("arch", ["preact_resnet18", "preact_resnet18_narrow", "resnet18_cifar"])
+def test_resnet_width_is_a_bounded_multiplier(arch, image_adapter):
+    # small_cnn's width is a channel count; the same number given to a ResNet would build billions of weights
+    with pytest.raises(ValueError, match="model.width 16 is a multiplier"):
+        image_adapter.build_model(arch, 10, in_channels=1, width=16)
 
 
 def test_reference_resnet18_mask_count():
