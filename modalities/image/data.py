@@ -97,10 +97,11 @@ def load_digits_split(seed: int = 0, size: Optional[int] = None) -> Tuple[ImageT
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(np.clip(d.images * 16.0, 0, 255).astype(np.float32)).unsqueeze(1)
+    x = torch.from_numpy(np.clip(d.images * 16.0, 0, 255).astype(np.uint8)).unsqueeze(1)
     if size and int(size) != x.shape[-1]:
-        x = torch.nn.functional.interpolate(x, size=(int(size), int(size)), mode="bilinear", align_corners=False)
-    x = x.round().clamp(0, 255).to(torch.uint8)
+        from torchvision.transforms.v2 import functional as TF
+
+        x = TF.resize(x, [int(size), int(size)], antialias=True)   # as _from_torchvision resizes
     y = torch.from_numpy(d.target.astype(np.int64))
     g = torch.Generator().manual_seed(seed)
     train_idx, test_idx = [], []

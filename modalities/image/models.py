@@ -58,12 +58,13 @@ MAX_WIDTH_MULTIPLIER = 8.0
 
 def _resnet_widths(width: float) -> List[int]:
     """Channels of the four stages for a width multiplier of the paper's 64/128/256/512."""
-    if not 0 < float(width) <= MAX_WIDTH_MULTIPLIER:
+    width = float(width)
+    if not 0 < width <= MAX_WIDTH_MULTIPLIER:
         # A channel count passed as a multiplier (small_cnn's width 16) builds billions of weights and
         # runs out of memory minutes later; fail at once instead.
-        raise ValueError(f"model.width {width} is a multiplier of the ResNet's 64/128/256/512 channels (1 = the paper's "
+        raise ValueError(f"model.width {width:g} is a multiplier of the ResNet's 64/128/256/512 channels (1 = the paper's "
                          f"model, 0.25 = the CPU benchmark model), at most {MAX_WIDTH_MULTIPLIER:g}; set model.width=0.25")
-    return [max(1, int(round(c * float(width)))) for c in (64, 128, 256, 512)]
+    return [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
 
 
 class PreActResNet(nn.Module):

@@ -13,6 +13,8 @@ features; no global setting tried took all three splits below 10%). Its drop of 
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from core.config import load_config
@@ -42,13 +44,7 @@ def digits16_victim(tmp_path_factory, image_adapter):
 @pytest.fixture(scope="module")
 def digits16_purified(digits16_victim, image_adapter):
     """NFT's results on the 16x16 victim by (split seed, preset), each computed once."""
-    cache = {}
-
-    def get(split_seed=0, preset=None):
-        if (split_seed, preset) not in cache:
-            cache[split_seed, preset] = _purify(image_adapter, digits16_victim, split_seed, preset)
-        return cache[split_seed, preset]
-    return get
+    return functools.cache(lambda split_seed, preset=None: _purify(image_adapter, digits16_victim, split_seed, preset))
 
 
 @pytest.fixture(scope="module")
