@@ -31,6 +31,17 @@ def mixup_batch(inputs: Any, targets: Any, mix: Callable[[Any, Any, float, Optio
     return x_mix, targets, index_batch(targets, perm), lam
 
 
+def random_span(n: int, frac: float, generator: Optional[torch.Generator] = None) -> Tuple[int, int]:
+    """A run of ``round(frac * n)`` cells placed uniformly at random inside [0, n), for region mixes (CutMix, VideoMix).
+
+    Placing the whole run inside (rather than clipping a run around a random centre, as CutMix's reference
+    does) keeps the pasted share close to the drawn (1 - lambda).
+    """
+    size = min(max(int(round(n * frac)), 0), n)
+    lo = int(torch.randint(0, n - size + 1, (1,), generator=generator))
+    return lo, lo + size
+
+
 def index_batch(batch: Any, idx: torch.Tensor) -> Any:
     """Index a tensor, or every tensor of a list/tuple/dict batch, along dim 0."""
     if torch.is_tensor(batch):

@@ -16,22 +16,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from core.mixup import random_span
+
 MIX_MODES = ("videomix", "videomix_spatial", "videomix_temporal", "mixup")
 
 
 def clip_mixup(a: torch.Tensor, b: torch.Tensor, lam: float) -> Tuple[torch.Tensor, float]:
     return lam * a + (1.0 - lam) * b, float(lam)
-
-
-def _span(n: int, frac: float, g: Optional[torch.Generator]) -> Tuple[int, int]:
-    """A run of ``round(frac * n)`` cells placed uniformly at random inside [0, n).
-
-    Placing the whole run inside (rather than clipping a run around a random centre, as
-    CutMix does) keeps the pasted volume close to the drawn (1 - lambda).
-    """
-    size = min(max(int(round(n * frac)), 0), n)
-    lo = int(torch.randint(0, n - size + 1, (1,), generator=g))
-    return lo, lo + size
 
 
 def videomix(a: torch.Tensor, b: torch.Tensor, lam: float, g: Optional[torch.Generator] = None,
@@ -54,9 +45,9 @@ def videomix(a: torch.Tensor, b: torch.Tensor, lam: float, g: Optional[torch.Gen
     else:
         raise ValueError(f"unknown VideoMix mode '{mode}'; choose from {MIX_MODES}")
     side = math.sqrt(fs)
-    t0, t1 = _span(t, ft, g)
-    y0, y1 = _span(h, side, g)
-    x0, x1 = _span(w, side, g)
+    t0, t1 = random_span(t, ft, g)
+    y0, y1 = random_span(h, side, g)
+    x0, x1 = random_span(w, side, g)
     out = a.clone()
     out[:, :, t0:t1, y0:y1, x0:x1] = b[:, :, t0:t1, y0:y1, x0:x1]
     kept = 1.0 - (t1 - t0) * (y1 - y0) * (x1 - x0) / float(t * h * w)

@@ -242,9 +242,10 @@ def test_mix_option_picks_a_mode_of_the_modality_and_refuses_unknown_ones(digits
     clean, _ = image_adapter.clean_split(digits, 2, 0)
     opts = {"steps": 2, "recover_steps": 0, "batch_size": 8}
     ctx = DefenseContext(clean_per_class=2, show_progress=False)
-    NFT(mix="mixup", **opts).run(copy.deepcopy(small_model), image_adapter, clean, ctx)
-    with pytest.raises(ValueError, match="no mix mode 'cutmix'"):
-        NFT(mix="cutmix", **opts).run(copy.deepcopy(small_model), image_adapter, clean, ctx)
+    for mode in ("mixup", "cutmix", "mixup_cutmix"):
+        NFT(mix=mode, **opts).run(copy.deepcopy(small_model), image_adapter, clean, ctx)
+    with pytest.raises(ValueError, match="no mix mode 'halfmix'"):
+        NFT(mix="halfmix", **opts).run(copy.deepcopy(small_model), image_adapter, clean, ctx)
 
 
 def test_modality_defense_defaults_sit_under_user_options_and_not_under_presets(digits, image_adapter, small_model):
@@ -485,7 +486,7 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
     from core.pipeline import make_defense
 
     assert image_adapter.defense_defaults["nft"] == {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5,
-                                                     "adv_init": "auto", "adv_init_margin": 2.0,
+                                                     "adv_init": "auto", "adv_init_margin": 5.0,
                                                      "adv_init_min_samples": 10,
                                                      "adv_targeted_lr": 0.0, "adv_target_weight": 1.0,
                                                      "small_split_steps": 100,
@@ -493,7 +494,7 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
                                                      "adv_init_keep": 3}
     cfg = make_defense(image_adapter, "nft").cfg
     assert cfg["bn_recalibrate"] == "shift" and cfg["recover_mixup_frac"] == 0.5
-    assert cfg["adv_init"] == "auto" and cfg["adv_init_margin"] == 2.0 and cfg["adv_init_min_samples"] == 10
+    assert cfg["adv_init"] == "auto" and cfg["adv_init_margin"] == 5.0 and cfg["adv_init_min_samples"] == 10
     # A grid entry pins the random start of sessions 7-16 for the rows that ran with it.
     assert make_defense(image_adapter, "nft", {"adv_init": "random"}).cfg["adv_init"] == "random"
     # The core default alone (what image NFT ran before these settings) stays reachable by name.

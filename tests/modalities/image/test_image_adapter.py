@@ -108,3 +108,28 @@ def test_pixel_mix_and_perturb_hook(image_adapter):
     out = image_adapter.perturb(torch.full((2, 1, 4, 4), 0.9), torch.full((1, 4, 4), 0.5))
     assert float(out.max()) == 1.0  # kept in the valid pixel range
     assert image_adapter.perturbation_shape(a) == (1, 4, 4)
+
+
+def test_cutmix_pastes_one_box_and_returns_the_kept_share(image_adapter):
+    a, b = torch.zeros(3, 1, 10, 10), torch.ones(3, 1, 10, 10)
+    mixed, lam = image_adapter.mix(a, b, 0.75, torch.Generator().manual_seed(0), mode="cutmix")
+    pasted = mixed[0, 0]
+    assert torch.equal(mixed, mixed[:1].expand_as(mixed))  # the same box for the whole batch
+    rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+    assert float(pasted.sum()) == len(rows) * len(cols)  # one solid rectangle of b
+    assert lam == pytest.approx(1 - float(pasted.mean())) and lam == pytest.approx(0.75)  # 5x5 box of 100 pixels
+
+
+def test_mixup_cutmix_switches_between_the_two(image_adapter):
+    a, b = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    kinds = set()
+    for _ in range(20):
+        mixed, lam = image_adapter.mix(a, b, 0.5, g, mode="mixup_cutmix")
+        kinds.add("mixup" if torch.allclose(mixed, torch.full_like(a, 0.5)) else "cutmix")
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_unknown_image_mix_mode_names_the_choices(image_adapter):
+    with pytest.raises(ValueError, match="cutmix"):
+        image_adapter.mix(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), 0.5, mode="halfmix")
