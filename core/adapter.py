@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .masks import find_maskable_units
+from .mixup import pixel_mix
 from .metrics import backdoor_metrics
 from .registry import Registry
 
@@ -201,7 +202,7 @@ class Modality:
         """
         if mode not in (None, "mixup"):
             raise ValueError(f"the {self.name} modality has no mix mode '{mode}'; use mixup (or leave nft.mix unset)")
-        return lam * a + (1.0 - lam) * b, lam
+        return pixel_mix(a, b, lam)
 
     def augment(self, inputs: Any, policy: Any, generator: Optional[torch.Generator] = None) -> Any:
         """Apply an augmentation policy to a batch of inputs. ``none`` returns them as they are."""

@@ -31,6 +31,11 @@ def mixup_batch(inputs: Any, targets: Any, mix: Callable[[Any, Any, float, Optio
     return x_mix, targets, index_batch(targets, perm), lam
 
 
+def pixel_mix(a: Any, b: Any, lam: float) -> Tuple[Any, float]:
+    """MixUp's own mix, ``lam * a + (1 - lam) * b``, and its lambda (the default of every modality that mixes tensors)."""
+    return lam * a + (1.0 - lam) * b, float(lam)
+
+
 def random_span(n: int, frac: float, generator: Optional[torch.Generator] = None) -> Tuple[int, int]:
     """A run of ``round(frac * n)`` cells placed uniformly at random inside [0, n), for region mixes (CutMix, VideoMix).
 

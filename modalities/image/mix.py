@@ -16,13 +16,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from core.mixup import random_span
+from core.mixup import pixel_mix, random_span
 
 MIX_MODES = ("mixup", "cutmix", "mixup_cutmix")
-
-
-def pixel_mixup(a: torch.Tensor, b: torch.Tensor, lam: float) -> Tuple[torch.Tensor, float]:
-    return lam * a + (1.0 - lam) * b, float(lam)
 
 
 def cutmix(a: torch.Tensor, b: torch.Tensor, lam: float, g: Optional[torch.Generator] = None
@@ -45,7 +41,7 @@ def mix_images(a: torch.Tensor, b: torch.Tensor, lam: float, g: Optional[torch.G
     if mode == "mixup_cutmix":
         mode = "cutmix" if float(torch.rand(1, generator=g)) < 0.5 else "mixup"
     if mode == "mixup":
-        return pixel_mixup(a, b, lam)
+        return pixel_mix(a, b, lam)
     if mode == "cutmix":
         return cutmix(a, b, lam, g)
     raise ValueError(f"the image modality has no mix mode '{mode}'; choose from {list(MIX_MODES)}")

@@ -16,13 +16,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from core.mixup import random_span
+from core.mixup import pixel_mix, random_span
 
 MIX_MODES = ("videomix", "videomix_spatial", "videomix_temporal", "mixup")
-
-
-def clip_mixup(a: torch.Tensor, b: torch.Tensor, lam: float) -> Tuple[torch.Tensor, float]:
-    return lam * a + (1.0 - lam) * b, float(lam)
 
 
 def videomix(a: torch.Tensor, b: torch.Tensor, lam: float, g: Optional[torch.Generator] = None,
@@ -57,5 +53,5 @@ def videomix(a: torch.Tensor, b: torch.Tensor, lam: float, g: Optional[torch.Gen
 def mix_clips(a: torch.Tensor, b: torch.Tensor, lam: float, g: Optional[torch.Generator] = None,
               mode: str = "videomix") -> Tuple[torch.Tensor, float]:
     if mode == "mixup":
-        return clip_mixup(a, b, lam)
+        return pixel_mix(a, b, lam)
     return videomix(a, b, lam, g, mode)
