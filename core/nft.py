@@ -125,6 +125,8 @@ OFFICIAL: Dict[str, Any] = {
     # weighted by its size). Training on mixed images is what recovery pays accuracy for; some of it is
     # what keeps a blend trigger closed (README, "what the default does").
     "recover_mixup_frac": 1.0,
+    # Augmentation of the plain (unmixed) share of a recovery batch (None = recover_augment, the whole batch).
+    "recover_plain_augment": None,
     # Weight of distillation from the original model on the plain (unmixed) share of a recovery batch:
     # loss = (1 - w) CE + w T^2 KL(teacher_T || student_T), the KL term only on images the original
     # classifies correctly (an augmented image that excites its backdoor keeps the hard label). Why: the
@@ -133,6 +135,9 @@ OFFICIAL: Dict[str, Any] = {
     # Stop recovering once accuracy on the (unaugmented) clean split is back within this many points
     # of the original model's; checked every ``recover_check_every`` steps. Clean data only.
     "recover_tolerance": 1.0, "recover_check_every": 25,
+    # Exponential moving average of the masks over the recovery steps (decay per step; 0 = off): the folded model
+    # takes the average, not the last step's masks (Polyak / SWA-style averaging of a noisy SGD end point).
+    "recover_ema": 0.0,
     # The stopping rule needs a split that can measure a point of accuracy: on 10 images (one per
     # class) one image is 10 points, so the rule fires on noise. Smaller splits run the whole recovery.
     "recover_check_min_samples": 100,
@@ -161,6 +166,10 @@ OFFICIAL: Dict[str, Any] = {
     # class every step shows each image about 13 times; the trigger is gone by ~75 steps and the rest of phase
     # one costs accuracy (README, "what the default does" item 9).
     "small_split_steps": None,
+    # Further options that replace the config's own on such a split (below recover_check_min_samples), e.g.
+    # {"recover_lr": 0.02}. Why: there no clean-split check can stop the recovery, so a recovery tuned to run
+    # until the check fires would run its whole length on ten images and fit them (README, item 14).
+    "small_split_options": {},
 }
 
 DEFAULTS: Dict[str, Any] = {
@@ -695,19 +704,22 @@ class MaskTrainer:
     def _recovery_step(self, x: Any, y: Any) -> Dict[str, float]:
         c = self.cfg
         mode = self.recover_adv
-        x = self.adapter.augment(x, c["recover_augment"], self.g)
+        alpha = float(c["mixup_alpha"] if c.get("recover_mixup_alpha") is None else c["recover_mixup_alpha"])
+        k = int(round(float(c["recover_mixup_frac"]) * len(y))) if c.get("recover_mixup") and alpha > 0 else 0
+        plain = c.get("recover_plain_augment")
+        if plain is None or k >= len(y):
+            x = self.adapter.augment(x, c["recover_augment"], self.g)
+        else:   # the mixed share on recover_augment, the plain share on its own policy
+            x = torch.cat([self.adapter.augment(x[:k], c["recover_augment"], self.g),
+                           self.adapter.augment(x[k:], plain, self.g)]) if k else self.adapter.augment(x, plain, self.g)
         uaps = self.uaps if mode else []
         if uaps:
             x = self._perturb_share(x, [u.applied() if mode == "live" else u.delta.detach() for u in uaps],
                                     c.get("recover_adv_frac"))
         ya, yb, lam = y, y, 1.0
-        alpha = float(c["mixup_alpha"] if c.get("recover_mixup_alpha") is None else c["recover_mixup_alpha"])
-        k = 0   # how many of the batch are mixed (the first k)
-        if c.get("recover_mixup") and alpha > 0:
-            k = int(round(float(c["recover_mixup_frac"]) * len(y)))
-            if k > 0:
-                xm, ya, yb, lam = mixup_batch(x[:k], y[:k], self.mix, alpha, self.g)
-                x = xm if k == len(y) else torch.cat([xm, x[k:]])
+        if k > 0:   # the first k of the batch are mixed
+            xm, ya, yb, lam = mixup_batch(x[:k], y[:k], self.mix, alpha, self.g)
+            x = xm if k == len(y) else torch.cat([xm, x[k:]])
         a = self._recover_away_count(len(y), k)   # the last a images: delta_t, trained away from t only
         if a:
             x = torch.cat([x[:-a], self.adapter.perturb(x[-a:], self.suspect["delta"])])
@@ -761,9 +773,18 @@ def config_for_split(cfg: Dict[str, Any], n: int) -> Dict[str, Any]:
     small = cfg.get("small_split_steps")
     if small is not None and int(small) < 1:
         raise ValueError(f"nft.small_split_steps must be a positive step count or null (= steps), got {small}")
-    if small is None or n >= int(cfg["recover_check_min_samples"]):
+    extra = cfg.get("small_split_options") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"nft.small_split_options must be a mapping of nft options, got {extra!r}")
+    unknown = sorted(set(extra) - set(cfg)) + sorted(k for k in extra if k.startswith("small_split_"))
+    if unknown:
+        raise ValueError(f"nft.small_split_options names {unknown}: give nft options other than small_split_*")
+    if n >= int(cfg["recover_check_min_samples"]) or (small is None and not extra):
         return cfg
-    return {**cfg, "steps": min(int(cfg["steps"]), int(small))}
+    out = {**cfg, **extra}
+    if small is not None:
+        out["steps"] = min(int(out["steps"]), int(small))
+    return out
 
 
 def shift_check_of(cfg: Dict[str, Any]) -> Dict[str, float]:
@@ -939,11 +960,22 @@ class NFT(Defense):
             model.train(c["bn_mode"] == "train")
             return acc, hits
 
+        ema_decay = float(c["recover_ema"])
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"nft.recover_ema is a decay per step in [0, 1) (0 = off), got {ema_decay}")
+        ema: Optional[Dict[str, torch.Tensor]] = None
         t0 = time.perf_counter()
         bar = progress(loader, total=steps, desc="nft", enabled=ctx.show_progress)
         for step, batch in enumerate(bar):
             x, y = adapter.to_device(batch[0], ctx.device), batch[1].to(ctx.device)
             out = trainer.step(x, y, step)
+            if ema_decay > 0 and step >= main_steps:
+                with torch.no_grad():
+                    if ema is None:
+                        ema = {k: v.detach().clone() for k, v in masks.state_dict().items()}
+                    else:
+                        for k, v in masks.state_dict().items():
+                            ema[k].mul_(ema_decay).add_(v.detach(), alpha=1 - ema_decay)
             done_recovering = False
             if watching and step == main_steps - 1:
                 _, watch["reference"] = check()   # what delta_t reaches when phase one ends
@@ -979,6 +1011,8 @@ class NFT(Defense):
                     bar.set_postfix(loss=f"{loss:.3f}", m=f"{row['mask_mean']:.3f}")
             if done_recovering:
                 break
+        if ema is not None and "fired_at" not in watch:
+            masks.load_state_dict(ema)
         mask_values = masks.state_dict()
         model = masks.fold()
         recalibration = {"mode": "off"}

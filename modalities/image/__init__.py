@@ -79,7 +79,12 @@ class ImageModality(Modality):
                                 "adv_init": "auto", "adv_init_margin": 5.0, "adv_init_min_samples": 10,
                                 "adv_targeted_lr": 0.0, "adv_target_weight": 1.0,
                                 "small_split_steps": 100,
-                                "adv_init_families": [{"norm": "l1", "eps": 12.0}], "adv_init_keep": 3}}
+                                "adv_init_families": [{"norm": "l1", "eps": 12.0}], "adv_init_keep": 3,
+                                # Session 26 (README item 14): recovery at lr 0.04, its plain half on crop + flip (the
+                                # mixed half keeps noise erasing), stopped within 0.5 points of the original; a split too
+                                # small for the stop keeps session 25's recovery (there it runs whole).
+                                "recover_lr": 0.04, "recover_plain_augment": "weak", "recover_tolerance": 0.5,
+                                "small_split_options": {"recover_lr": 0.02, "recover_plain_augment": None}}}
     # NFT in bf16 + channels_last where bf16 is native (session 12: mean ACC / ASR on three seeds of both
     # design victims within 0.13 points of fp32, 2.3x faster, with the random start; session 19, targeted
     # start: means within 0.09 on BadNets, Blend's within its 7-20% seed spread, 2.1x faster:

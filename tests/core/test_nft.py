@@ -491,8 +491,18 @@ def test_image_modality_ships_its_measured_nft_settings(image_adapter):
                                                      "adv_targeted_lr": 0.0, "adv_target_weight": 1.0,
                                                      "small_split_steps": 100,
                                                      "adv_init_families": [{"norm": "l1", "eps": 12.0}],
-                                                     "adv_init_keep": 3}
+                                                     "adv_init_keep": 3,
+                                                     "recover_lr": 0.04, "recover_plain_augment": "weak",
+                                                     "recover_tolerance": 0.5,
+                                                     "small_split_options": {"recover_lr": 0.02,
+                                                                             "recover_plain_augment": None}}
     cfg = make_defense(image_adapter, "nft").cfg
+    # Session 26's recovery where the stop can measure; session 25's on a one-shot split, where it runs whole.
+    from core.nft import config_for_split
+    assert (cfg["recover_lr"], cfg["recover_augment"], cfg["recover_plain_augment"]) == (0.04, "strong", "weak")
+    assert cfg["recover_tolerance"] == 0.5
+    one_shot = config_for_split(cfg, 10)
+    assert (one_shot["recover_lr"], one_shot["recover_plain_augment"], one_shot["steps"]) == (0.02, None, 100)
     assert cfg["bn_recalibrate"] == "shift" and cfg["recover_mixup_frac"] == 0.5
     assert cfg["adv_init"] == "auto" and cfg["adv_init_margin"] == 5.0 and cfg["adv_init_min_samples"] == 10
     # A grid entry pins the random start of sessions 7-16 for the rows that ran with it.
@@ -659,6 +669,24 @@ def test_a_split_below_the_check_floor_runs_small_split_steps_of_phase_one():
         config_for_split(dict(cfg, small_split_steps=0), 600)   # refused on any split, before any work
 
 
+def test_small_split_options_replace_the_config_only_below_the_check_floor():
+    from core.nft import config_for_split
+
+    cfg = dict(DEFAULTS, recover_lr=0.04, recover_augment="weak", recover_check_min_samples=100,
+               small_split_steps=None, small_split_options={"recover_lr": 0.02, "recover_augment": "strong"})
+    small = config_for_split(cfg, 10)
+    assert (small["recover_lr"], small["recover_augment"], small["steps"]) == (0.02, "strong", cfg["steps"])
+    assert config_for_split(cfg, 100) is cfg and cfg["recover_lr"] == 0.04   # a measurable split: its own options
+    both = config_for_split(dict(cfg, small_split_steps=50), 10)
+    assert both["steps"] == 50 and both["recover_lr"] == 0.02
+    with pytest.raises(ValueError, match=r"small_split_options names \['recover_lrr'\]"):
+        config_for_split(dict(cfg, small_split_options={"recover_lrr": 0.1}), 600)
+    with pytest.raises(ValueError, match="other than small_split_"):
+        config_for_split(dict(cfg, small_split_options={"small_split_steps": 5}), 600)
+    with pytest.raises(ValueError, match="must be a mapping"):
+        config_for_split(dict(cfg, small_split_options=[1]), 600)
+
+
 def test_nft_on_a_one_shot_split_logs_small_split_steps_of_phase_one(digits, image_adapter, small_model):
     clean, _ = image_adapter.clean_split(digits, 1, 0)
     opts = {"small_split_steps": 7, "recover_steps": 3, "batch_size": 16}
@@ -783,3 +811,62 @@ def test_search_with_successive_halving_keeps_the_full_searchs_head(digits, imag
     for a in halved[:2]:   # the kept classes descended exactly as in the full search
         b = next(r for r in full if r["class"] == a["class"])
         assert torch.equal(a["delta"], b["delta"]) and a["loss"] == b["loss"]
+
+
+def test_recover_ema_folds_the_moving_average_of_the_recovery_masks(digits, image_adapter, small_model, monkeypatch):
+    clean, _ = image_adapter.clean_split(digits, 5, 0)   # 50 images: the recovery runs every step, no stop
+    opts = {"steps": 6, "recover_steps": 8, "batch_size": 16}
+    seen = []
+    real_step = MaskTrainer.step
+
+    def recording_step(self, x, y, step):
+        out = real_step(self, x, y, step)
+        if step >= opts["steps"]:
+            seen.append(self.masks.state_dict())
+        return out
+
+    monkeypatch.setattr(MaskTrainer, "step", recording_step)
+    ctx = DefenseContext(clean_per_class=5, show_progress=False)
+    decay = 0.7
+    res = NFT(**opts, recover_ema=decay).run(copy.deepcopy(small_model), image_adapter, clean, ctx)
+    assert len(seen) == opts["recover_steps"]
+    expected = {k: v.clone() for k, v in seen[0].items()}
+    for masks in seen[1:]:
+        for k in expected:
+            expected[k] = decay * expected[k] + (1 - decay) * masks[k]
+    for k, v in res.extras["masks"].items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+        assert not torch.equal(v, seen[-1][k]) or torch.equal(seen[0][k], seen[-1][k])
+    seen.clear()
+    last = NFT(**opts).run(copy.deepcopy(small_model), image_adapter, clean, ctx)
+    for k, v in last.extras["masks"].items():   # off: the last step's masks, as before
+        assert torch.equal(v, seen[-1][k])
+    with pytest.raises(ValueError, match="recover_ema is a decay per step"):
+        NFT(**opts, recover_ema=1.0).run(copy.deepcopy(small_model), image_adapter, clean, ctx)
+
+
+def test_recover_plain_augment_augments_the_plain_share_on_its_own_policy(image_adapter, small_model, monkeypatch):
+    from core.nft import DEFAULTS, MaskTrainer
+
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 4
+    calls = []
+    real = type(image_adapter).augment
+
+    def recording(self, inputs, policy, generator=None):
+        calls.append((len(inputs), policy))
+        return real(self, inputs, policy, generator)
+
+    monkeypatch.setattr(type(image_adapter), "augment", recording)
+
+    def recovery_step(**opts):
+        calls.clear()
+        cfg = dict(DEFAULTS, steps=0, augment="weak", recover_augment="strong", recover_mixup=True, **opts)
+        trainer = MaskTrainer(copy.deepcopy(small_model), image_adapter, cfg, x[:2], 2, torch.device("cpu"),
+                              torch.Generator().manual_seed(0))
+        trainer.step(x, y, 0)   # step 0 >= steps: a recovery step
+        return list(calls)
+
+    assert recovery_step(recover_mixup_frac=0.5) == [(8, "strong")]   # unset: one policy for the whole batch
+    assert recovery_step(recover_mixup_frac=0.5, recover_plain_augment="weak") == [(4, "strong"), (4, "weak")]
+    assert recovery_step(recover_mixup_frac=0.0, recover_plain_augment="weak") == [(8, "weak")]   # nothing mixed
+    assert recovery_step(recover_mixup_frac=1.0, recover_plain_augment="weak") == [(8, "strong")]   # nothing plain

@@ -2,7 +2,8 @@
 
 The regression victim (``configs/image/digits16_badnets.yaml``): the digits upscaled to 16x16, a small CNN, the
 3x3 BadNets patch, 10 clean images per class. Measured with the image default, fp32, one thread (session 24):
-victim 93.33 / 98.52 (ACC / ASR); NFT on clean splits 0 / 1 / 2: 90.00 / 4.19, 90.67 / 5.42, 89.11 / 5.67, the
+victim 93.33 / 98.52 (ACC / ASR); NFT on clean splits 0 / 1 / 2: 90.00 / 4.19, 90.67 / 5.42, 89.11 / 5.67 (session
+26's default: 90.89 / 3.20, 90.89 / 3.20, 90.22 / 2.46; a recovery on crop + flip alone re-opened it to 93-96%), the
 targeted search naming the target (class 0) on each; a victim trained with seed 1 (94.89 / 97.29): 94.00 / 1.72,
 92.22 / 5.17, 93.56 / 1.97. The issue's target (ASR < 10%, ACC within 5 points) is asserted on all three splits.
 
@@ -66,8 +67,8 @@ def test_victims_are_backdoored(digits16_victim, digits8_victim):
 @pytest.mark.parametrize("split_seed", [0, 1, 2])
 def test_nft_removes_backdoor_and_keeps_accuracy(digits16_victim, digits16_purified, split_seed):
     before, after = digits16_victim[3], digits16_purified(split_seed)
-    assert after["asr"] < 10, after   # 4.19 / 5.42 / 5.67 measured
-    assert after["acc"] >= before["acc"] - 5, (before, after)   # drops 3.33 / 2.66 / 4.22
+    assert after["asr"] < 10, after   # 3.20 / 3.20 / 2.46 measured (session 25's default: 4.19 / 5.42 / 5.67)
+    assert after["acc"] >= before["acc"] - 5, (before, after)   # drops 2.44 / 2.44 / 3.11
 
 
 def test_nft_default_beats_official_settings(digits16_purified):
