@@ -611,6 +611,8 @@ class MaskTrainer:
             raise ValueError(f"nft.recover_away_frac must be in [0, 1) (0 = off), got {cfg['recover_away_frac']}")
         if not 0.0 <= float(cfg["recover_watch"]) <= 1.0:
             raise ValueError(f"nft.recover_watch is a significance level in [0, 1] (0 = off), got {cfg['recover_watch']}")
+        if not 0.0 <= float(cfg["recover_ema"]) < 1.0:
+            raise ValueError(f"nft.recover_ema is a decay per step in [0, 1) (0 = off), got {cfg['recover_ema']}")
         if not 0.0 <= float(cfg["recover_mixup_frac"]) <= 1.0:
             raise ValueError(f"nft.recover_mixup_frac must be in [0, 1], got {cfg['recover_mixup_frac']}")
         mode = "frozen" if cfg["recover_adv"] is True else cfg["recover_adv"]
@@ -707,11 +709,13 @@ class MaskTrainer:
         alpha = float(c["mixup_alpha"] if c.get("recover_mixup_alpha") is None else c["recover_mixup_alpha"])
         k = int(round(float(c["recover_mixup_frac"]) * len(y))) if c.get("recover_mixup") and alpha > 0 else 0
         plain = c.get("recover_plain_augment")
-        if plain is None or k >= len(y):
+        if plain is None or k == len(y):   # one policy for the whole batch
             x = self.adapter.augment(x, c["recover_augment"], self.g)
-        else:   # the mixed share on recover_augment, the plain share on its own policy
+        elif k == 0:                        # nothing mixed: all of it is the plain share
+            x = self.adapter.augment(x, plain, self.g)
+        else:                               # the mixed share on recover_augment, the plain share on its own policy
             x = torch.cat([self.adapter.augment(x[:k], c["recover_augment"], self.g),
-                           self.adapter.augment(x[k:], plain, self.g)]) if k else self.adapter.augment(x, plain, self.g)
+                           self.adapter.augment(x[k:], plain, self.g)])
         uaps = self.uaps if mode else []
         if uaps:
             x = self._perturb_share(x, [u.applied() if mode == "live" else u.delta.detach() for u in uaps],
@@ -961,9 +965,7 @@ class NFT(Defense):
             return acc, hits
 
         ema_decay = float(c["recover_ema"])
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"nft.recover_ema is a decay per step in [0, 1) (0 = off), got {ema_decay}")
-        ema: Optional[Dict[str, torch.Tensor]] = None
+        ema: Optional[Dict[str, torch.Tensor]] = None   # per unit, on the masks' device
         t0 = time.perf_counter()
         bar = progress(loader, total=steps, desc="nft", enabled=ctx.show_progress)
         for step, batch in enumerate(bar):
@@ -972,10 +974,10 @@ class NFT(Defense):
             if ema_decay > 0 and step >= main_steps:
                 with torch.no_grad():
                     if ema is None:
-                        ema = {k: v.detach().clone() for k, v in masks.state_dict().items()}
+                        ema = {u.name: u.mask.detach().clone() for u in masks.units}
                     else:
-                        for k, v in masks.state_dict().items():
-                            ema[k].mul_(ema_decay).add_(v.detach(), alpha=1 - ema_decay)
+                        for u in masks.units:
+                            ema[u.name].lerp_(u.mask, 1 - ema_decay)
             done_recovering = False
             if watching and step == main_steps - 1:
                 _, watch["reference"] = check()   # what delta_t reaches when phase one ends
