@@ -105,8 +105,9 @@ class ImageModality(Modality):
         elif name in ("mnist", "cifar10", "cifar100", "gtsrb", "tiny-imagenet"):
             train, test = image_data.load_torchvision(name, s["root"], s["size"])
         elif name == "imagefolder":
-            raise ValueError("imagefolder data are decoded lazily; use data.name=imagefolder with tools that "
-                             "accept a folder dataset (load_imagefolder)")
+            raise ValueError("imagefolder data (ImageNet layout) are decoded lazily and cannot be loaded whole: use "
+                             "modalities.image.data.ImageFolderDataset(root, size) from Python; the tools take "
+                             "fashion-mnist, mnist, digits, cifar10, cifar100, gtsrb or tiny-imagenet")
         else:
             raise ValueError(f"unknown image dataset '{s['name']}'; choose fashion-mnist, mnist, digits, cifar10, "
                              f"cifar100, gtsrb, tiny-imagenet")

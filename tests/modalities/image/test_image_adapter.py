@@ -133,3 +133,19 @@ def test_mixup_cutmix_switches_between_the_two(image_adapter):
 def test_unknown_image_mix_mode_names_the_choices(image_adapter):
     with pytest.raises(ValueError, match="cutmix"):
         image_adapter.mix(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), 0.5, mode="halfmix")
+
+
+def test_imagefolder_is_decoded_lazily_and_the_tools_error_names_what_to_use(tmp_path, image_adapter):
+    from PIL import Image
+
+    from modalities.image.data import ImageFolderDataset
+
+    for cls, value in (("cat", 30), ("dog", 220)):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (40, 30), (value, value, value)).save(tmp_path / cls / "a.png")
+    ds = ImageFolderDataset(str(tmp_path), size=16)
+    x, y, i = ds[1]
+    assert len(ds) == 2 and ds.classes == ["cat", "dog"] and x.shape == (3, 16, 16) and int(y) == 1 and int(i) == 1
+    assert abs(float(x.mean()) - 220 / 255) < 1e-3
+    with pytest.raises(ValueError, match="ImageFolderDataset"):
+        image_adapter.load_data({"name": "imagefolder", "root": str(tmp_path)})
