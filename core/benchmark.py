@@ -391,6 +391,76 @@ def time_ratio_lines(rows: Iterable[Dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def _cell_means(rows: List[Dict[str, Any]]) -> Dict[tuple, Dict[str, tuple]]:
+    """(dataset, model, attack) -> defense -> (ASR drop, ACC drop, ASR after, ACC after), means over its rows."""
+    out: Dict[tuple, Dict[str, List[Dict[str, Any]]]] = {}
+    for r in rows:
+        out.setdefault((r["dataset"], r["model"], r["attack"]), {}).setdefault(r["defense"], []).append(r)
+    means: Dict[tuple, Dict[str, tuple]] = {}
+    for key, by_def in out.items():
+        for d, rs in by_def.items():
+            n = len(rs)
+            asr_b, acc_b = (sum(_f(x[c]) for x in rs) / n for c in ("asr_before", "acc_before"))
+            asr, acc = (sum(_f(x[c]) for x in rs) / n for c in ("asr_after", "acc_after"))
+            means.setdefault(key, {})[d] = (asr_b - asr, acc_b - acc, asr, acc)
+    return means
+
+
+def comparison(rows: Iterable[Dict[str, Any]], defense: str = "nft", margin: float = 1.0) -> List[Dict[str, Any]]:
+    """``defense`` against every other defense, each over the victims both ran.
+
+    Per baseline: the victims compared, both average drops, whether ``defense`` is better on each (a larger ASR
+    drop, a smaller ACC drop: Issue 4's targets), and the attacks where the baseline is better by more than
+    ``margin`` points (lower ASR after, or higher ACC after), with by how much, largest first.
+    """
+    means = _cell_means(list(rows))
+    others = sorted({d for by_def in means.values() for d in by_def if d != defense})
+    out = []
+    for d in others:
+        keys = [k for k, by_def in means.items() if defense in by_def and d in by_def]
+        if not keys:
+            continue
+        own = [means[k][defense] for k in keys]
+        base = [means[k][d] for k in keys]
+        n = len(keys)
+        asr_own, acc_own = sum(x[0] for x in own) / n, sum(x[1] for x in own) / n
+        asr_base, acc_base = sum(x[0] for x in base) / n, sum(x[1] for x in base) / n
+        lower_asr = sorted(((k[2], o[2] - b[2]) for k, o, b in zip(keys, own, base) if o[2] - b[2] > margin),
+                           key=lambda t: -t[1])
+        higher_acc = sorted(((k[2], b[3] - o[3]) for k, o, b in zip(keys, own, base) if b[3] - o[3] > margin),
+                            key=lambda t: -t[1])
+        out.append({"defense": defense, "baseline": d, "victims": n, "asr_drop": asr_own, "acc_drop": acc_own,
+                    "baseline_asr_drop": asr_base, "baseline_acc_drop": acc_base,
+                    "better_asr": asr_own > asr_base, "better_acc": acc_own < acc_base,
+                    "baseline_lower_asr": lower_asr, "baseline_higher_acc": higher_acc})
+    return out
+
+
+def comparison_lines(rows: Iterable[Dict[str, Any]], margin: float = 1.0) -> str:
+    """A Markdown table per NFT column: :func:`comparison` against each baseline (empty when none applies)."""
+    rows = list(rows)
+    labels = sorted({r["defense"] for r in rows if _base_name(r["defense"]) == "nft"})
+    out = []
+    for label in labels:
+        cmp = [c for c in comparison(rows, label, margin) if _base_name(c["baseline"]) != "nft"]
+        if not cmp:
+            continue
+        out.append(f"\n{label} against each baseline, over the victims both ran (average drops ASR/ACC; better = "
+                   f"a larger ASR drop, a smaller ACC drop); where a baseline is better by more than {margin:g} "
+                   f"point, the attack and by how much:\n\n"
+                   f"| baseline | victims | {label} | baseline | ASR drop better | ACC drop better | "
+                   f"baseline's ASR lower on | baseline's ACC higher on |\n|---|---|---|---|---|---|---|---|\n")
+        for c in cmp:
+            def where(pairs: List[tuple]) -> str:
+                return ", ".join(f"{a} {v:.1f}" for a, v in pairs) or "-"
+            out.append(f"| {c['baseline']} | {c['victims']} | {c['asr_drop']:.2f}/{c['acc_drop']:.2f} | "
+                       f"{c['baseline_asr_drop']:.2f}/{c['baseline_acc_drop']:.2f} | "
+                       f"{'yes' if c['better_asr'] else 'no, by %.2f' % (c['baseline_asr_drop'] - c['asr_drop'])} | "
+                       f"{'yes' if c['better_acc'] else 'no, by %.2f' % (c['acc_drop'] - c['baseline_acc_drop'])} | "
+                       f"{where(c['baseline_lower_asr'])} | {where(c['baseline_higher_acc'])} |\n")
+    return "".join(out)
+
+
 def plot_results(rows: List[Dict[str, Any]], path: str | Path) -> Path:
     """ASR vs ACC after defense (one marker per defense) and median runtime bars."""
     from .plots import _plt, save_figure

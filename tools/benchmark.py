@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.benchmark import (grids_writing, markdown_table, plot_results, prepare_victims, read_rows, run_grid,
-                            step_time_lines, step_time_report, time_ratio_lines)
+from core.benchmark import (comparison_lines, grids_writing, markdown_table, plot_results, prepare_victims, read_rows,
+                            run_grid, step_time_lines, step_time_report, time_ratio_lines)
 from core.cli import run_main
 from core.config import load_config, load_yaml
 from core.pipeline import get_or_train_victim, load_bundle
@@ -62,7 +62,8 @@ def main() -> None:
                                           for g in grids_writing(out_csv, args.grid)) + ".\n"]
     for n in sizes:
         at_n = [r for r in rows if int(r["clean_per_class"]) == n]
-        text.append(f"\n## {n} clean samples per class\n\n" + markdown_table(at_n) + time_ratio_lines(at_n))
+        text.append(f"\n## {n} clean samples per class\n\n" + markdown_table(at_n) + time_ratio_lines(at_n)
+                    + comparison_lines(at_n))
     step_json = out_csv.with_name(f"{name}_step_time.json")
     t = None
     if grid.get("step_time") and not args.no_step_time and not args.report_only:

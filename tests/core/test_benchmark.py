@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.benchmark import (attack_label_of, cell_config, expand_grid, markdown_table, prepare_victims, read_rows,
+from core.benchmark import (attack_label_of, cell_config, comparison, comparison_lines, expand_grid, markdown_table, prepare_victims, read_rows,
                             run_grid, step_time_lines, step_time_report, step_times, time_ratio,
                             time_ratio_lines)
 from modalities import get_modality
@@ -74,6 +74,27 @@ def test_time_ratio_against_the_median_of_the_baselines():
     lines = time_ratio_lines(fast)
     assert "nft+autocast+channels_last / median(anp 100.0) = 20.0 / 100.0 = **0.200**" in lines
     assert "nft[generic] / median(anp 100.0) = 40.0 / 100.0" in lines
+
+
+def test_comparison_states_where_a_baseline_beats_nft_and_by_how_much():
+    def row(atk, d, asr, acc, seed=0):
+        return {"dataset": "x", "model": "m", "attack": atk, "defense": d, "clean_per_class": 60, "seconds": 1,
+                "seed": seed, "asr_before": 100, "acc_before": 90, "asr_after": asr, "acc_after": acc}
+    rows = [row("a", "nft", 2, 88), row("a", "nft", 4, 86, seed=1), row("b", "nft", 60, 89),
+            row("a", "fst", 0, 87), row("b", "fst", 5, 85),
+            row("a", "ft", 50, 89.5), row("c", "ft", 0, 90)]
+    by = {c["baseline"]: c for c in comparison(rows)}
+    # nft's cell a is the mean of its two seeds (3 / 87); ft is compared on victim a only
+    assert by["fst"]["victims"] == 2 and by["ft"]["victims"] == 1
+    assert by["fst"]["asr_drop"] == pytest.approx(68.5) and by["fst"]["baseline_asr_drop"] == pytest.approx(97.5)
+    assert by["fst"]["acc_drop"] == pytest.approx(2.0) and by["fst"]["baseline_acc_drop"] == pytest.approx(4.0)
+    assert not by["fst"]["better_asr"] and by["fst"]["better_acc"]
+    assert by["fst"]["baseline_lower_asr"] == [("b", 55.0), ("a", 3.0)] and by["fst"]["baseline_higher_acc"] == []
+    assert by["ft"]["better_asr"] and not by["ft"]["better_acc"] and by["ft"]["baseline_higher_acc"] == [("a", 2.5)]
+    md = comparison_lines(rows)
+    assert "| fst | 2 | 68.50/2.00 | 97.50/4.00 | no, by 29.00 | yes | b 55.0, a 3.0 | - |" in md
+    assert "| ft | 1 | 97.00/3.00 | 50.00/0.50 | yes | no, by 2.50 | - | a 2.5 |" in md
+    assert comparison_lines([row("a", "ft", 1, 1)]) == ""
 
 
 def test_step_time_ratio_is_measured(digits, image_adapter, small_model):
