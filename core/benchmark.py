@@ -288,6 +288,25 @@ def _median(values: List[float]) -> float:
     return v[len(v) // 2]
 
 
+def cell_summaries(rows: Iterable[Dict[str, Any]]) -> Dict[tuple, Dict[str, Dict[str, float]]]:
+    """(dataset, model, attack) -> defense -> its rows' means (ASR / ACC before and after, both drops), the ASR's
+    range and the row count (seeds); keys and defenses in the order the rows first name them."""
+    groups: Dict[tuple, Dict[str, List[Dict[str, Any]]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["model"], r["attack"]), {}).setdefault(r["defense"], []).append(r)
+    out: Dict[tuple, Dict[str, Dict[str, float]]] = {}
+    for key, by_def in groups.items():
+        for d, rs in by_def.items():
+            m = {c: sum(_f(x[c]) for x in rs) / len(rs) for c in ("asr_before", "acc_before", "asr_after", "acc_after")}
+            asrs = [_f(x["asr_after"]) for x in rs]
+            out.setdefault(key, {})[d] = {"asr_before": m["asr_before"], "acc_before": m["acc_before"],
+                                          "asr": m["asr_after"], "acc": m["acc_after"],
+                                          "asr_drop": m["asr_before"] - m["asr_after"],
+                                          "acc_drop": m["acc_before"] - m["acc_after"],
+                                          "asr_min": min(asrs), "asr_max": max(asrs), "n": len(rs)}
+    return out
+
+
 def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int] = None) -> str:
     """Paper Table 1 layout: one row per (dataset, attack), ASR/ACC per defense, an average-drop row."""
     rows = [r for r in rows if clean_per_class is None or int(r["clean_per_class"]) == clean_per_class]
@@ -295,30 +314,24 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
     for r in rows:
         if r["defense"] not in defenses:
             defenses.append(r["defense"])
-    groups: Dict[tuple, Dict[str, List[Dict[str, Any]]]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["model"], r["attack"]), {}).setdefault(r["defense"], []).append(r)
+    groups = cell_summaries(rows)
     head = ["dataset", "attack", "no defense"] + defenses
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     drops: Dict[str, Dict[tuple, tuple]] = {d: {} for d in defenses}
     for key, by_def in groups.items():
         ds, _model, atk = key
-        any_row = next(iter(by_def.values()))
-        asr_b = sum(_f(x["asr_before"]) for x in any_row) / len(any_row)
-        acc_b = sum(_f(x["acc_before"]) for x in any_row) / len(any_row)
-        cells = [ds, atk, f"{asr_b:.2f}/{acc_b:.2f}"]
+        first = next(iter(by_def.values()))
+        cells = [ds, atk, f"{first['asr_before']:.2f}/{first['acc_before']:.2f}"]
         for d in defenses:
-            rs = by_def.get(d, [])
-            if not rs:
+            c = by_def.get(d)
+            if c is None:
                 cells.append("-")
                 continue
-            asrs = [_f(x["asr_after"]) for x in rs]
-            asr = sum(asrs) / len(rs)
-            acc = sum(_f(x["acc_after"]) for x in rs) / len(rs)
             # Over several seeds the mean hides how far one run can be from it: show the ASR's range.
-            spread = f" [{min(asrs):.2f}-{max(asrs):.2f}]" if len(rs) > 1 else ""
-            cells.append(f"{asr:.2f}/{acc:.2f}{spread}")
-            drops[d][key] = (asr_b - asr, acc_b - acc)
+            spread = f" [{c['asr_min']:.2f}-{c['asr_max']:.2f}]" if c["n"] > 1 else ""
+            cells.append(f"{c['asr']:.2f}/{c['acc']:.2f}{spread}")
+            # Against the victim's column, so the average row is that column minus this one.
+            drops[d][key] = (first["asr_before"] - c["asr"], first["acc_before"] - c["acc"])
         lines.append("| " + " | ".join(cells) + " |")
 
     def mean_drop(vals: List[tuple]) -> str:
@@ -338,7 +351,7 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
         s = [_f(r["seconds"]) for r in rows if r["defense"] == d]
         secs.append(f"{_median(s):.1f}" if s else "-")
     lines.append("| " + " | ".join(secs) + " |")
-    if any(len(rs) > 1 for by_def in groups.values() for rs in by_def.values()):
+    if any(c["n"] > 1 for by_def in groups.values() for c in by_def.values()):
         lines.append("\nA cell with several rows (seeds) shows their mean ASR/ACC and [lowest-highest ASR].")
     return "\n".join(lines) + "\n"
 
@@ -391,21 +404,6 @@ def time_ratio_lines(rows: Iterable[Dict[str, Any]]) -> str:
     return "".join(out)
 
 
-def _cell_means(rows: List[Dict[str, Any]]) -> Dict[tuple, Dict[str, tuple]]:
-    """(dataset, model, attack) -> defense -> (ASR drop, ACC drop, ASR after, ACC after), means over its rows."""
-    out: Dict[tuple, Dict[str, List[Dict[str, Any]]]] = {}
-    for r in rows:
-        out.setdefault((r["dataset"], r["model"], r["attack"]), {}).setdefault(r["defense"], []).append(r)
-    means: Dict[tuple, Dict[str, tuple]] = {}
-    for key, by_def in out.items():
-        for d, rs in by_def.items():
-            n = len(rs)
-            asr_b, acc_b = (sum(_f(x[c]) for x in rs) / n for c in ("asr_before", "acc_before"))
-            asr, acc = (sum(_f(x[c]) for x in rs) / n for c in ("asr_after", "acc_after"))
-            means.setdefault(key, {})[d] = (asr_b - asr, acc_b - acc, asr, acc)
-    return means
-
-
 def comparison(rows: Iterable[Dict[str, Any]], defense: str = "nft", margin: float = 1.0) -> List[Dict[str, Any]]:
     """``defense`` against every other defense, each over the victims both ran.
 
@@ -413,27 +411,30 @@ def comparison(rows: Iterable[Dict[str, Any]], defense: str = "nft", margin: flo
     drop, a smaller ACC drop: Issue 4's targets), and the attacks where the baseline is better by more than
     ``margin`` points (lower ASR after, or higher ACC after), with by how much, largest first.
     """
-    means = _cell_means(list(rows))
-    others = sorted({d for by_def in means.values() for d in by_def if d != defense})
+    cells = cell_summaries(rows)
+    others = sorted({d for by_def in cells.values() for d in by_def if d != defense})
     out = []
     for d in others:
-        keys = [k for k, by_def in means.items() if defense in by_def and d in by_def]
+        keys = [k for k, by_def in cells.items() if defense in by_def and d in by_def]
         if not keys:
             continue
-        own = [means[k][defense] for k in keys]
-        base = [means[k][d] for k in keys]
         n = len(keys)
-        asr_own, acc_own = sum(x[0] for x in own) / n, sum(x[1] for x in own) / n
-        asr_base, acc_base = sum(x[0] for x in base) / n, sum(x[1] for x in base) / n
-        lower_asr = sorted(((k[2], o[2] - b[2]) for k, o, b in zip(keys, own, base) if o[2] - b[2] > margin),
-                           key=lambda t: -t[1])
-        higher_acc = sorted(((k[2], b[3] - o[3]) for k, o, b in zip(keys, own, base) if b[3] - o[3] > margin),
-                            key=lambda t: -t[1])
+        own, base = [cells[k][defense] for k in keys], [cells[k][d] for k in keys]
+        asr_own, acc_own = sum(c["asr_drop"] for c in own) / n, sum(c["acc_drop"] for c in own) / n
+        asr_base, acc_base = sum(c["asr_drop"] for c in base) / n, sum(c["acc_drop"] for c in base) / n
+        by_asr = [(k[2], o["asr"] - b["asr"]) for k, o, b in zip(keys, own, base)]   # > 0: the baseline's is lower
+        by_acc = [(k[2], b["acc"] - o["acc"]) for k, o, b in zip(keys, own, base)]   # > 0: the baseline's is higher
+        lower_asr = sorted((t for t in by_asr if t[1] > margin), key=lambda t: -t[1])
+        higher_acc = sorted((t for t in by_acc if t[1] > margin), key=lambda t: -t[1])
         out.append({"defense": defense, "baseline": d, "victims": n, "asr_drop": asr_own, "acc_drop": acc_own,
                     "baseline_asr_drop": asr_base, "baseline_acc_drop": acc_base,
                     "better_asr": asr_own > asr_base, "better_acc": acc_own < acc_base,
                     "baseline_lower_asr": lower_asr, "baseline_higher_acc": higher_acc})
     return out
+
+
+def _attacks_by(pairs: List[tuple]) -> str:
+    return ", ".join(f"{a} {v:.1f}" for a, v in pairs) or "-"
 
 
 def comparison_lines(rows: Iterable[Dict[str, Any]], margin: float = 1.0) -> str:
@@ -451,13 +452,11 @@ def comparison_lines(rows: Iterable[Dict[str, Any]], margin: float = 1.0) -> str
                    f"| baseline | victims | {label} | baseline | ASR drop better | ACC drop better | "
                    f"baseline's ASR lower on | baseline's ACC higher on |\n|---|---|---|---|---|---|---|---|\n")
         for c in cmp:
-            def where(pairs: List[tuple]) -> str:
-                return ", ".join(f"{a} {v:.1f}" for a, v in pairs) or "-"
             out.append(f"| {c['baseline']} | {c['victims']} | {c['asr_drop']:.2f}/{c['acc_drop']:.2f} | "
                        f"{c['baseline_asr_drop']:.2f}/{c['baseline_acc_drop']:.2f} | "
                        f"{'yes' if c['better_asr'] else 'no, by %.2f' % (c['baseline_asr_drop'] - c['asr_drop'])} | "
                        f"{'yes' if c['better_acc'] else 'no, by %.2f' % (c['acc_drop'] - c['baseline_acc_drop'])} | "
-                       f"{where(c['baseline_lower_asr'])} | {where(c['baseline_higher_acc'])} |\n")
+                       f"{_attacks_by(c['baseline_lower_asr'])} | {_attacks_by(c['baseline_higher_acc'])} |\n")
     return "".join(out)
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.benchmark import (attack_label_of, cell_config, comparison, comparison_lines, expand_grid, markdown_table, prepare_victims, read_rows,
-                            run_grid, step_time_lines, step_time_report, step_times, time_ratio,
+from core.benchmark import (attack_label_of, cell_config, comparison, comparison_lines, expand_grid, markdown_table,
+                            prepare_victims, read_rows, run_grid, step_time_lines, step_time_report, step_times, time_ratio,
                             time_ratio_lines)
 from modalities import get_modality
 
