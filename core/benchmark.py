@@ -104,6 +104,17 @@ def expand_grid(grid: Dict[str, Any]) -> List[Dict[str, Any]]:
     return cells
 
 
+def in_grid_order(rows: Iterable[Dict[str, Any]], grid: Dict[str, Any],
+                  overrides: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """``rows`` in the grid's cell order (its attacks, then defenses, then sizes and seeds, as the file lists them);
+    rows of cells the grid does not name keep their order, after those. Why: processes that each run some attacks
+    merge rows into the CSV as cells finish, and the tables take their row and column order from the rows."""
+    index: Dict[tuple, int] = {}
+    for i, cell in enumerate(expand_grid(grid)):
+        index.setdefault(_key(cell_row_key(cell, cell_config(cell, overrides))), i)
+    return sorted(rows, key=lambda r: index.get(_key(r), len(index)))
+
+
 def cell_config(cell: Dict[str, Any], overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The victim config of one grid cell: its base file with the cell's attack merged in."""
     cfg = load_yaml(cell["base"]) if isinstance(cell["base"], (str, Path)) else dict(cell["base"] or {})
@@ -353,6 +364,60 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
     lines.append("| " + " | ".join(secs) + " |")
     if any(c["n"] > 1 for by_def in groups.values() for c in by_def.values()):
         lines.append("\nA cell with several rows (seeds) shows their mean ASR/ACC and [lowest-highest ASR].")
+    return "\n".join(lines) + "\n"
+
+
+# How a grid's Markdown is laid out: "table1" (the paper's Table 1, always written) and, with "ablation", also the
+# paper's Table 7 (one row per variant).
+LAYOUTS = ("table1", "ablation")
+
+
+def ablation_table(rows: Iterable[Dict[str, Any]], reference: str = "nft") -> str:
+    """The paper's Table 7 layout: one row per variant (defense label at a clean-split size), ASR/ACC after per attack.
+
+    The ``reference`` label's rows come first (by split size), then every other label in the order the rows first
+    name it. Per variant: its average drops over the attacks it ran, and its average ASR / ACC after minus the
+    reference's at the most common split size over the attacks both ran (negative ASR, positive ACC: the variant
+    is better), so a change is read off against the default, not against the victim.
+    """
+    rows = list(rows)
+    attacks: List[str] = []
+    variants: List[tuple] = []
+    for r in rows:
+        if r["attack"] not in attacks:
+            attacks.append(r["attack"])
+        v = (r["defense"], int(r["clean_per_class"]))
+        if v not in variants:
+            variants.append(v)
+    labels = list(dict.fromkeys(d for d, _ in variants))
+    variants.sort(key=lambda v: (v[0] != reference, labels.index(v[0]), v[1]))
+    cells: Dict[tuple, Dict[str, Dict[str, float]]] = {}
+    for n in sorted({v[1] for v in variants}):
+        for key, by_def in cell_summaries(r for r in rows if int(r["clean_per_class"]) == n).items():
+            for d, c in by_def.items():
+                cells.setdefault((d, n), {})[key[2]] = c
+    sizes = [int(r["clean_per_class"]) for r in rows]
+    ref = cells.get((reference, max(set(sizes), key=lambda n: (sizes.count(n), n)))) if rows else None
+    head = ["variant", "clean / class"] + attacks + ["avg drop (ASR/ACC)", "vs " + reference + " (ASR/ACC)",
+                                                     "median seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d, n in variants:
+        own = cells[(d, n)]
+        line = [d, str(n)] + [f"{own[a]['asr']:.2f}/{own[a]['acc']:.2f}" if a in own else "-" for a in attacks]
+        k = len(own)
+        count = "" if k == len(attacks) else f" ({k})"
+        line.append(f"{sum(c['asr_drop'] for c in own.values()) / k:.2f}/"
+                    f"{sum(c['acc_drop'] for c in own.values()) / k:.2f}{count}")
+        both = [a for a in own if ref is not None and a in ref]
+        if both and own is not ref:
+            dasr = sum(own[a]["asr"] - ref[a]["asr"] for a in both) / len(both)
+            dacc = sum(own[a]["acc"] - ref[a]["acc"] for a in both) / len(both)
+            line.append(f"{dasr:+.2f}/{dacc:+.2f}")
+        else:
+            line.append("-")
+        secs = [_f(r["seconds"]) for r in rows if r["defense"] == d and int(r["clean_per_class"]) == n]
+        line.append(f"{_median(secs):.1f}")
+        lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.benchmark import (comparison_lines, grids_writing, markdown_table, plot_results, prepare_victims, read_rows,
-                            run_grid, step_time_lines, step_time_report, time_ratio_lines)
+from core.benchmark import (LAYOUTS, ablation_table, comparison_lines, defense_label, grids_writing, in_grid_order,
+                            markdown_table, plot_results, prepare_victims, read_rows, run_grid, step_time_lines,
+                            step_time_report, time_ratio_lines)
 from core.cli import run_main
 from core.config import load_config, load_yaml
 from core.pipeline import get_or_train_victim, load_bundle
@@ -42,6 +43,8 @@ def main() -> None:
     grid = load_yaml(args.grid)
     name = grid.get("name") or Path(args.grid).stem
     out_csv = Path(args.out or grid.get("output") or f"results/{name}.csv")
+    if grid.get("layout", "table1") not in LAYOUTS:   # before any cell runs, not after an hour of them
+        raise ValueError(f"{args.grid}: layout is one of {', '.join(LAYOUTS)}, got {grid.get('layout')!r}")
     overrides = load_config(None, args.overrides)
     if args.victims_only:
         victims_csv = out_csv.with_name(f"{out_csv.stem}_victims.csv")
@@ -55,6 +58,7 @@ def main() -> None:
     else:
         rows = run_grid(grid, get_modality, out_csv=out_csv, runs_root=args.runs, show_progress=not args.no_progress,
                         overrides=overrides, cached_only=args.cached_only, attacks=args.attacks)
+    rows = in_grid_order(rows, grid, overrides)
     md = out_csv.with_suffix(".md")
     sizes = sorted({int(r["clean_per_class"]) for r in rows}, reverse=True)
     text = [f"# {name}\n", f"ASR/ACC (%) after each defense; rows from `{out_csv}`; "
@@ -64,6 +68,10 @@ def main() -> None:
         at_n = [r for r in rows if int(r["clean_per_class"]) == n]
         text.append(f"\n## {n} clean samples per class\n\n" + markdown_table(at_n) + time_ratio_lines(at_n)
                     + comparison_lines(at_n))
+    if grid.get("layout") == "ablation":
+        text.append("\n## Ablation (the paper's Table 7 layout)\n\nASR/ACC after per attack; the average ASR / ACC "
+                    "after minus the default's (its most common split size) over the attacks both ran.\n\n"
+                    + ablation_table(rows, defense_label(grid["grid"]["defense"][0])))
     step_json = out_csv.with_name(f"{name}_step_time.json")
     t = None
     if grid.get("step_time") and not args.no_step_time and not args.report_only:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.benchmark import (attack_label_of, cell_config, comparison, comparison_lines, expand_grid, markdown_table,
+from core.benchmark import (LAYOUTS, ablation_table, attack_label_of, in_grid_order, cell_config, comparison, comparison_lines, expand_grid, markdown_table,
                             prepare_victims, read_rows, run_grid, step_time_lines, step_time_report, step_times, time_ratio,
                             time_ratio_lines)
 from modalities import get_modality
@@ -97,6 +97,38 @@ def test_comparison_states_where_a_baseline_beats_nft_and_by_how_much():
     assert comparison_lines([row("a", "ft", 1, 1)]) == ""
 
 
+def test_ablation_table_has_a_row_per_variant_and_reads_each_against_the_default():
+    def row(atk, d, n, asr, acc, secs=10):
+        return {"dataset": "x", "model": "m", "attack": atk, "defense": d, "clean_per_class": n, "seconds": secs,
+                "seed": 0, "asr_before": 100, "acc_before": 90, "asr_after": asr, "acc_after": acc}
+    rows = [row("a", "nft-no-reg", 60, 10, 80), row("a", "nft", 60, 2, 88), row("b", "nft", 60, 4, 86),
+            row("a", "nft", 10, 6, 82, secs=5), row("b", "nft-no-reg", 60, 20, 84), row("a", "nft-fast", 60, 3, 87)]
+    md = ablation_table(rows).splitlines()
+    assert md[0] == ("| variant | clean / class | a | b | avg drop (ASR/ACC) | vs nft (ASR/ACC) | median seconds |")
+    # the default first, by split size; then the other variants in the order the rows name them
+    assert [line.split(" | ")[0] + "|" + line.split(" | ")[1] for line in md[2:]] == \
+        ["| nft|10", "| nft|60", "| nft-no-reg|60", "| nft-fast|60"]
+    # the reference is nft at 60 (its most common size): 2/88 on a, 4/86 on b
+    assert md[2] == "| nft | 10 | 6.00/82.00 | - | 94.00/8.00 (1) | +4.00/-6.00 | 5.0 |"
+    assert md[3] == "| nft | 60 | 2.00/88.00 | 4.00/86.00 | 97.00/3.00 | - | 10.0 |"
+    assert md[4] == "| nft-no-reg | 60 | 10.00/80.00 | 20.00/84.00 | 85.00/8.00 | +12.00/-5.00 | 10.0 |"
+    assert md[5] == "| nft-fast | 60 | 3.00/87.00 | - | 97.00/3.00 (1) | +1.00/-1.00 | 10.0 |"
+
+
+def test_rows_from_processes_that_finished_in_any_order_are_tabled_in_the_grid_order():
+    grid = {"base": "configs/image/digits_badnets.yaml",
+            "grid": {"attack": [{"name": "badnets"}, {"name": "blend"}], "defense": [{"name": "nft"}, {"name": "ft"}],
+                     "clean_per_class": [5], "seed": [0]}}
+
+    def row(atk, d):
+        return {"dataset": "digits", "model": "small_cnn", "attack": atk, "defense": d, "clean_per_class": "5",
+                "seed": "0"}
+    finished = [row("blend", "ft"), row("x", "nft"), row("badnets", "ft"), row("blend", "nft"), row("badnets", "nft")]
+    ordered = [(r["attack"], r["defense"]) for r in in_grid_order(finished, grid)]
+    # a row the grid does not name (carried from another file) keeps its place after the grid's cells
+    assert ordered == [("badnets", "nft"), ("badnets", "ft"), ("blend", "nft"), ("blend", "ft"), ("x", "nft")]
+
+
 def test_step_time_ratio_is_measured(digits, image_adapter, small_model):
     clean, _ = image_adapter.clean_split(digits, 5, 0)
     t = step_times(image_adapter, small_model, clean, batch_size=32, repeats=3, warmup=1)
@@ -144,7 +176,9 @@ def test_every_shipped_grid_names_registered_defenses_with_known_options(path):
     from core.registry import DEFENSES
     from core.schedule import lower_bounds
 
-    cells = expand_grid(yaml.safe_load(open(path)))
+    grid = yaml.safe_load(open(path))
+    assert grid.get("layout", "table1") in LAYOUTS
+    cells = expand_grid(grid)
     assert cells
     for cell in cells:
         d = cell["defense"]
