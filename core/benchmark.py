@@ -430,6 +430,13 @@ def _base_name(label: str) -> str:
     return str(label).split("[")[0].split("+")[0]
 
 
+def is_nft_label(label: str) -> bool:
+    """Whether a row's label is NFT run some way: ``nft``, a preset / speed suffix, or a grid's variant label
+    ``nft-...`` (``nft-no-reg``, ``nft-fp32``). Such a column is compared with the baselines, never counted as one."""
+    label = str(label)
+    return _base_name(label) == "nft" or label.startswith("nft-")
+
+
 def time_ratio(rows: Iterable[Dict[str, Any]], defense: str = "nft",
                against: Iterable[str] = TIME_BASELINES) -> Optional[Dict[str, Any]]:
     """``defense``'s median wall seconds over its cells, against the median of ``against``'s medians.
@@ -456,7 +463,7 @@ def time_ratio(rows: Iterable[Dict[str, Any]], defense: str = "nft",
 def time_ratio_lines(rows: Iterable[Dict[str, Any]]) -> str:
     """Markdown lines stating :func:`time_ratio` for every NFT column (empty when none applies)."""
     rows = list(rows)
-    labels = sorted({r["defense"] for r in rows if _base_name(r["defense"]) == "nft"})
+    labels = sorted({r["defense"] for r in rows if is_nft_label(r["defense"])})
     out = []
     for label in labels:
         t = time_ratio(rows, label)
@@ -505,10 +512,10 @@ def _attacks_by(pairs: List[tuple]) -> str:
 def comparison_lines(rows: Iterable[Dict[str, Any]], margin: float = 1.0) -> str:
     """A Markdown table per NFT column: :func:`comparison` against each baseline (empty when none applies)."""
     rows = list(rows)
-    labels = sorted({r["defense"] for r in rows if _base_name(r["defense"]) == "nft"})
+    labels = sorted({r["defense"] for r in rows if is_nft_label(r["defense"])})
     out = []
     for label in labels:
-        cmp = [c for c in comparison(rows, label, margin) if _base_name(c["baseline"]) != "nft"]
+        cmp = [c for c in comparison(rows, label, margin) if not is_nft_label(c["baseline"])]
         if not cmp:
             continue
         out.append(f"\n{label} against each baseline, over the victims both ran (average drops ASR/ACC; better = "

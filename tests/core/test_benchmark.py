@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.benchmark import (LAYOUTS, ablation_table, attack_label_of, in_grid_order, cell_config, comparison, comparison_lines, expand_grid, markdown_table,
+from core.benchmark import (LAYOUTS, ablation_table, attack_label_of, in_grid_order, is_nft_label, cell_config, comparison, comparison_lines, expand_grid, markdown_table,
                             prepare_victims, read_rows, run_grid, step_time_lines, step_time_report, step_times, time_ratio,
                             time_ratio_lines)
 from modalities import get_modality
@@ -95,6 +95,11 @@ def test_comparison_states_where_a_baseline_beats_nft_and_by_how_much():
     assert "| fst | 2 | 68.50/2.00 | 97.50/4.00 | no, by 29.00 | yes | b 55.0, a 3.0 | - |" in md
     assert "| ft | 1 | 97.00/3.00 | 50.00/0.50 | yes | no, by 2.50 | - | a 2.5 |" in md
     assert comparison_lines([row("a", "ft", 1, 1)]) == ""
+    # an NFT variant (a grid's nft-... label) gets its own comparison and is never listed as a baseline
+    md = comparison_lines(rows + [row("a", "nft-fast", 1, 87)])
+    assert "nft-fast against each baseline" in md and "\n| nft-fast |" not in md
+    assert "| fst | 1 | 99.00/3.00 | 100.00/3.00 | no, by 1.00 | no, by 0.00 | - | - |" in md
+    assert is_nft_label("nft-no-reg") and is_nft_label("nft[official]") and not is_nft_label("ft-sam")
 
 
 def test_ablation_table_has_a_row_per_variant_and_reads_each_against_the_default():
