@@ -378,7 +378,8 @@ def ablation_table(rows: Iterable[Dict[str, Any]], reference: str = "nft") -> st
     The ``reference`` label's rows come first (by split size), then every other label in the order the rows first
     name it. Per variant: its average drops over the attacks it ran, and its average ASR / ACC after minus the
     reference's at the most common split size over the attacks both ran (negative ASR, positive ACC: the variant
-    is better), so a change is read off against the default, not against the victim.
+    is better), so a change is read off against the default, not against the victim. Columns are attack labels:
+    one dataset and model per table (an ablation varies the defense, not the victim's setting).
     """
     rows = list(rows)
     attacks: List[str] = []
