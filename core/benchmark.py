@@ -372,6 +372,14 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
 LAYOUTS = ("table1", "ablation")
 
 
+def grid_layout(grid: Dict[str, Any], source: str = "grid") -> str:
+    """The grid's ``layout`` (default "table1"); an unknown one fails here, before any cell runs."""
+    layout = grid.get("layout", "table1")
+    if layout not in LAYOUTS:
+        raise ValueError(f"{source}: layout is one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
+
+
 def ablation_table(rows: Iterable[Dict[str, Any]], reference: str = "nft") -> str:
     """The paper's Table 7 layout: one row per variant (defense label at a clean-split size), ASR/ACC after per attack.
 
@@ -382,21 +390,15 @@ def ablation_table(rows: Iterable[Dict[str, Any]], reference: str = "nft") -> st
     one dataset and model per table (an ablation varies the defense, not the victim's setting).
     """
     rows = list(rows)
-    attacks: List[str] = []
-    variants: List[tuple] = []
-    for r in rows:
-        if r["attack"] not in attacks:
-            attacks.append(r["attack"])
-        v = (r["defense"], int(r["clean_per_class"]))
-        if v not in variants:
-            variants.append(v)
-    labels = list(dict.fromkeys(d for d, _ in variants))
-    variants.sort(key=lambda v: (v[0] != reference, labels.index(v[0]), v[1]))
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    labels = list(dict.fromkeys(r["defense"] for r in rows))
+    # A variant is a (label, split size) pair: summarised as one "defense" of each attack's cell.
     cells: Dict[tuple, Dict[str, Dict[str, float]]] = {}
-    for n in sorted({v[1] for v in variants}):
-        for key, by_def in cell_summaries(r for r in rows if int(r["clean_per_class"]) == n).items():
-            for d, c in by_def.items():
-                cells.setdefault((d, n), {})[key[2]] = c
+    for key, by_variant in cell_summaries({**r, "defense": (r["defense"], int(r["clean_per_class"]))}
+                                          for r in rows).items():
+        for v, c in by_variant.items():
+            cells.setdefault(v, {})[key[2]] = c
+    variants = sorted(cells, key=lambda v: (v[0] != reference, labels.index(v[0]), v[1]))
     sizes = [int(r["clean_per_class"]) for r in rows]
     ref = cells.get((reference, max(set(sizes), key=lambda n: (sizes.count(n), n)))) if rows else None
     head = ["variant", "clean / class"] + attacks + ["avg drop (ASR/ACC)", "vs " + reference + " (ASR/ACC)",

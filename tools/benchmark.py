@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.benchmark import (LAYOUTS, ablation_table, comparison_lines, defense_label, grids_writing, in_grid_order,
-                            markdown_table, plot_results, prepare_victims, read_rows, run_grid, step_time_lines,
-                            step_time_report, time_ratio_lines)
+from core.benchmark import (ablation_table, comparison_lines, defense_label, grid_layout, grids_writing,
+                            in_grid_order, markdown_table, plot_results, prepare_victims, read_rows, run_grid,
+                            step_time_lines, step_time_report, time_ratio_lines)
 from core.cli import run_main
 from core.config import load_config, load_yaml
 from core.pipeline import get_or_train_victim, load_bundle
@@ -43,8 +43,7 @@ def main() -> None:
     grid = load_yaml(args.grid)
     name = grid.get("name") or Path(args.grid).stem
     out_csv = Path(args.out or grid.get("output") or f"results/{name}.csv")
-    if grid.get("layout", "table1") not in LAYOUTS:   # before any cell runs, not after an hour of them
-        raise ValueError(f"{args.grid}: layout is one of {', '.join(LAYOUTS)}, got {grid.get('layout')!r}")
+    layout = grid_layout(grid, args.grid)   # checked before any cell runs, not after an hour of them
     overrides = load_config(None, args.overrides)
     if args.victims_only:
         victims_csv = out_csv.with_name(f"{out_csv.stem}_victims.csv")
@@ -68,7 +67,7 @@ def main() -> None:
         at_n = [r for r in rows if int(r["clean_per_class"]) == n]
         text.append(f"\n## {n} clean samples per class\n\n" + markdown_table(at_n) + time_ratio_lines(at_n)
                     + comparison_lines(at_n))
-    if grid.get("layout") == "ablation":
+    if layout == "ablation":
         text.append("\n## Ablation (the paper's Table 7 layout)\n\nASR/ACC after per attack; the average ASR / ACC "
                     "after minus the default's (its most common split size) over the attacks both ran.\n\n"
                     + ablation_table(rows, defense_label(grid["grid"]["defense"][0])))

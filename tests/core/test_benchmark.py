@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.benchmark import (LAYOUTS, ablation_table, attack_label_of, in_grid_order, is_nft_label, cell_config, comparison, comparison_lines, expand_grid, markdown_table,
-                            prepare_victims, read_rows, run_grid, step_time_lines, step_time_report, step_times, time_ratio,
-                            time_ratio_lines)
+from core.benchmark import (ablation_table, attack_label_of, cell_config, comparison, comparison_lines, expand_grid,
+                            grid_layout, in_grid_order, is_nft_label, markdown_table, prepare_victims, read_rows,
+                            run_grid, step_time_lines, step_time_report, step_times, time_ratio, time_ratio_lines)
 from modalities import get_modality
 
 
@@ -118,6 +118,9 @@ def test_ablation_table_has_a_row_per_variant_and_reads_each_against_the_default
     assert md[3] == "| nft | 60 | 2.00/88.00 | 4.00/86.00 | 97.00/3.00 | - | 10.0 |"
     assert md[4] == "| nft-no-reg | 60 | 10.00/80.00 | 20.00/84.00 | 85.00/8.00 | +12.00/-5.00 | 10.0 |"
     assert md[5] == "| nft-fast | 60 | 3.00/87.00 | - | 97.00/3.00 (1) | +1.00/-1.00 | 10.0 |"
+    assert grid_layout({}) == "table1" and grid_layout({"layout": "ablation"}) == "ablation"
+    with pytest.raises(ValueError, match=r"g.yaml: layout is one of table1, ablation, got 'table7'"):
+        grid_layout({"layout": "table7"}, "g.yaml")
 
 
 def test_rows_from_processes_that_finished_in_any_order_are_tabled_in_the_grid_order():
@@ -182,7 +185,7 @@ def test_every_shipped_grid_names_registered_defenses_with_known_options(path):
     from core.schedule import lower_bounds
 
     grid = yaml.safe_load(open(path))
-    assert grid.get("layout", "table1") in LAYOUTS
+    assert grid_layout(grid, path) in ("table1", "ablation")   # an unknown layout raises
     cells = expand_grid(grid)
     assert cells
     for cell in cells:
