@@ -486,6 +486,7 @@ def comparison(rows: Iterable[Dict[str, Any]], defense: str = "nft", margin: flo
     drop, a smaller ACC drop: Issue 4's targets), and the attacks where the baseline is better by more than
     ``margin`` points (lower ASR after, or higher ACC after), with by how much, largest first.
     """
+    rows = list(rows)
     cells = cell_summaries(rows)
     others = sorted({d for by_def in cells.values() for d in by_def if d != defense})
     out = []
@@ -504,8 +505,45 @@ def comparison(rows: Iterable[Dict[str, Any]], defense: str = "nft", margin: flo
         out.append({"defense": defense, "baseline": d, "victims": n, "asr_drop": asr_own, "acc_drop": acc_own,
                     "baseline_asr_drop": asr_base, "baseline_acc_drop": acc_base,
                     "better_asr": asr_own > asr_base, "better_acc": acc_own < acc_base,
-                    "baseline_lower_asr": lower_asr, "baseline_higher_acc": higher_acc})
+                    "baseline_lower_asr": lower_asr, "baseline_higher_acc": higher_acc,
+                    "by_seed": seed_paired_advantage(rows, defense, d, keys)})
     return out
+
+
+def seed_paired_advantage(rows: Iterable[Dict[str, Any]], defense: str, baseline: str,
+                          keys: Iterable[tuple]) -> List[tuple]:
+    """Per seed that both defenses ran on every victim in ``keys`` ((dataset, model, attack)): (seed, how much
+    larger ``defense``'s average ASR drop is, how much smaller its average ACC drop is); > 0: ``defense`` better.
+
+    Why: a seed changes the clean split and the defense's own randomness on the same victims, so each seed pairs the
+    two defenses on the same data; whether one is ahead on every seed says more than a difference of two means.
+    """
+    keys = list(keys)
+    drops: Dict[tuple, List[tuple]] = {}
+    for r in rows:
+        if r["defense"] in (defense, baseline):
+            k = ((r["dataset"], r["model"], r["attack"]), r["defense"], str(r.get("seed", 0)))
+            drops.setdefault(k, []).append((_f(r["asr_before"]) - _f(r["asr_after"]),
+                                            _f(r["acc_before"]) - _f(r["acc_after"])))
+    seeds = sorted({s for (_, _, s) in drops}, key=lambda s: (len(s), s))
+    out = []
+    for s in seeds:
+        if not all((k, d, s) in drops for k in keys for d in (defense, baseline)):
+            continue
+
+        def mean(d: str, i: int) -> float:
+            return sum(sum(v[i] for v in drops[(k, d, s)]) / len(drops[(k, d, s)]) for k in keys) / len(keys)
+        out.append((s, mean(defense, 0) - mean(baseline, 0), mean(baseline, 1) - mean(defense, 1)))
+    return out
+
+
+def _seed_summary(by_seed: List[tuple]) -> str:
+    """'ASR ahead on 1 of 3 (-2.10 to +1.20); ACC ahead on 3 of 3 (+0.10 to +0.50)' for :func:`seed_paired_advantage`."""
+    parts = []
+    for name, i in (("ASR", 1), ("ACC", 2)):
+        v = [t[i] for t in by_seed]
+        parts.append(f"{name} ahead on {sum(x > 0 for x in v)} of {len(v)} ({min(v):+.2f} to {max(v):+.2f})")
+    return "; ".join(parts)
 
 
 def _attacks_by(pairs: List[tuple]) -> str:
@@ -521,17 +559,23 @@ def comparison_lines(rows: Iterable[Dict[str, Any]], margin: float = 1.0) -> str
         cmp = [c for c in comparison(rows, label, margin) if not is_nft_label(c["baseline"])]
         if not cmp:
             continue
+        # Where both ran several seeds on the same victims, a column says on how many seeds the label is ahead.
+        seeded = any(len(c["by_seed"]) > 1 for c in cmp)
         out.append(f"\n{label} against each baseline, over the victims both ran (average drops ASR/ACC; better = "
                    f"a larger ASR drop, a smaller ACC drop); where a baseline is better by more than {margin:g} "
-                   f"point, the attack and by how much:\n\n"
+                   f"point, the attack and by how much"
+                   + (f"; per seed both ran on all those victims, on how many {label} is ahead and its advantage "
+                      f"in average drop (lowest to highest; > 0: {label} better)" if seeded else "") + ":\n\n"
                    f"| baseline | victims | {label} | baseline | ASR drop better | ACC drop better | "
-                   f"baseline's ASR lower on | baseline's ACC higher on |\n|---|---|---|---|---|---|---|---|\n")
+                   f"baseline's ASR lower on | baseline's ACC higher on |" + (" by seed |" if seeded else "")
+                   + "\n|---|---|---|---|---|---|---|---|" + ("---|" if seeded else "") + "\n")
         for c in cmp:
+            seeds = (f" {_seed_summary(c['by_seed']) if len(c['by_seed']) > 1 else '-'} |" if seeded else "")
             out.append(f"| {c['baseline']} | {c['victims']} | {c['asr_drop']:.2f}/{c['acc_drop']:.2f} | "
                        f"{c['baseline_asr_drop']:.2f}/{c['baseline_acc_drop']:.2f} | "
                        f"{'yes' if c['better_asr'] else 'no, by %.2f' % (c['baseline_asr_drop'] - c['asr_drop'])} | "
                        f"{'yes' if c['better_acc'] else 'no, by %.2f' % (c['acc_drop'] - c['baseline_acc_drop'])} | "
-                       f"{_attacks_by(c['baseline_lower_asr'])} | {_attacks_by(c['baseline_higher_acc'])} |\n")
+                       f"{_attacks_by(c['baseline_lower_asr'])} | {_attacks_by(c['baseline_higher_acc'])} |{seeds}\n")
     return "".join(out)
 
 

@@ -102,6 +102,27 @@ def test_comparison_states_where_a_baseline_beats_nft_and_by_how_much():
     assert is_nft_label("nft-no-reg") and is_nft_label("nft[official]") and not is_nft_label("ft-sam")
 
 
+def test_comparison_pairs_the_defenses_seed_by_seed():
+    def row(atk, d, seed, asr, acc):
+        return {"dataset": "x", "model": "m", "attack": atk, "defense": d, "clean_per_class": 60, "seconds": 1,
+                "seed": seed, "asr_before": 100, "acc_before": 90, "asr_after": asr, "acc_after": acc}
+    rows = [row("a", "nft", 0, 10, 88), row("b", "nft", 0, 30, 86), row("a", "fst", 0, 0, 87), row("b", "fst", 0, 20, 87),
+            row("a", "nft", 1, 0, 89), row("b", "nft", 1, 10, 88), row("a", "fst", 1, 5, 85), row("b", "fst", 1, 25, 87),
+            # seed 2: fst did not run victim b, so that seed pairs nothing
+            row("a", "nft", 2, 0, 89), row("b", "nft", 2, 0, 89), row("a", "fst", 2, 0, 89),
+            row("a", "ft", 0, 50, 89)]
+    by = {c["baseline"]: c for c in comparison(rows)}
+    # seed 0: nft drops 80 / 3, fst 90 / 3 -> ASR -10, ACC 0; seed 1: nft 95 / 1.5, fst 85 / 4 -> +10, +2.5
+    assert by["fst"]["by_seed"] == [("0", -10.0, 0.0), ("1", 10.0, 2.5)]
+    assert by["ft"]["by_seed"] == [("0", 40.0, -1.0)]
+    md = comparison_lines(rows)
+    assert "| baseline's ACC higher on | by seed |" in md
+    assert "ASR ahead on 1 of 2 (-10.00 to +10.00); ACC ahead on 1 of 2 (+0.00 to +2.50) |" in md
+    assert "| ft | 1 | 96.67/1.33 | 50.00/1.00 | yes | no, by 0.33 | - | - | - |" in md   # one seed: nothing to pair
+    # one seed everywhere: no seed column
+    assert "by seed" not in comparison_lines([r for r in rows if r["seed"] == 0])
+
+
 def test_ablation_table_has_a_row_per_variant_and_reads_each_against_the_default():
     def row(atk, d, n, asr, acc, secs=10):
         return {"dataset": "x", "model": "m", "attack": atk, "defense": d, "clean_per_class": n, "seconds": secs,
