@@ -519,21 +519,21 @@ def seed_paired_advantage(rows: Iterable[Dict[str, Any]], defense: str, baseline
     two defenses on the same data; whether one is ahead on every seed says more than a difference of two means.
     """
     keys = list(keys)
-    drops: Dict[tuple, List[tuple]] = {}
+    rows_of: Dict[tuple, List[tuple]] = {}   # (victim, defense, seed) -> its rows' (ASR drop, ACC drop)
     for r in rows:
         if r["defense"] in (defense, baseline):
             k = ((r["dataset"], r["model"], r["attack"]), r["defense"], str(r.get("seed", 0)))
-            drops.setdefault(k, []).append((_f(r["asr_before"]) - _f(r["asr_after"]),
-                                            _f(r["acc_before"]) - _f(r["acc_after"])))
-    seeds = sorted({s for (_, _, s) in drops}, key=lambda s: (len(s), s))
-    out = []
-    for s in seeds:
-        if not all((k, d, s) in drops for k in keys for d in (defense, baseline)):
-            continue
+            rows_of.setdefault(k, []).append((_f(r["asr_before"]) - _f(r["asr_after"]),
+                                              _f(r["acc_before"]) - _f(r["acc_after"])))
+    cell = {k: tuple(sum(col) / len(v) for col in zip(*v)) for k, v in rows_of.items()}
 
-        def mean(d: str, i: int) -> float:
-            return sum(sum(v[i] for v in drops[(k, d, s)]) / len(drops[(k, d, s)]) for k in keys) / len(keys)
-        out.append((s, mean(defense, 0) - mean(baseline, 0), mean(baseline, 1) - mean(defense, 1)))
+    def average(d: str, seed: str, i: int) -> float:
+        return sum(cell[(k, d, seed)][i] for k in keys) / len(keys)
+    out = []
+    for seed in sorted({s for (_, _, s) in cell}, key=lambda s: (len(s), s)):   # numeric order of the seeds
+        if all((k, d, seed) in cell for k in keys for d in (defense, baseline)):
+            out.append((seed, average(defense, seed, 0) - average(baseline, seed, 0),
+                        average(baseline, seed, 1) - average(defense, seed, 1)))
     return out
 
 
