@@ -519,21 +519,15 @@ def seed_paired_advantage(rows: Iterable[Dict[str, Any]], defense: str, baseline
     two defenses on the same data; whether one is ahead on every seed says more than a difference of two means.
     """
     keys = list(keys)
-    rows_of: Dict[tuple, List[tuple]] = {}   # (victim, defense, seed) -> its rows' (ASR drop, ACC drop)
-    for r in rows:
-        if r["defense"] in (defense, baseline):
-            k = ((r["dataset"], r["model"], r["attack"]), r["defense"], str(r.get("seed", 0)))
-            rows_of.setdefault(k, []).append((_f(r["asr_before"]) - _f(r["asr_after"]),
-                                              _f(r["acc_before"]) - _f(r["acc_after"])))
-    cell = {k: tuple(sum(col) / len(v) for col in zip(*v)) for k, v in rows_of.items()}
-
-    def average(d: str, seed: str, i: int) -> float:
-        return sum(cell[(k, d, seed)][i] for k in keys) / len(keys)
+    # cell_summaries with each (defense, seed) summarised as a defense of its own
+    per_seed = cell_summaries({**r, "defense": (r["defense"], str(r.get("seed", 0)))} for r in rows
+                              if r["defense"] in (defense, baseline))
     out = []
-    for seed in sorted({s for (_, _, s) in cell}, key=lambda s: (len(s), s)):   # numeric order of the seeds
-        if all((k, d, seed) in cell for k in keys for d in (defense, baseline)):
-            out.append((seed, average(defense, seed, 0) - average(baseline, seed, 0),
-                        average(baseline, seed, 1) - average(defense, seed, 1)))
+    for seed in sorted({s for by in per_seed.values() for _, s in by}, key=int):
+        pairs = [(per_seed.get(k, {}).get((defense, seed)), per_seed.get(k, {}).get((baseline, seed))) for k in keys]
+        if keys and all(a and b for a, b in pairs):
+            out.append((seed, sum(a["asr_drop"] - b["asr_drop"] for a, b in pairs) / len(keys),
+                        sum(b["acc_drop"] - a["acc_drop"] for a, b in pairs) / len(keys)))
     return out
 
 
