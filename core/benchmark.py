@@ -11,6 +11,7 @@ import contextlib
 import csv
 import hashlib
 import itertools
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -228,8 +229,13 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
     """Run every cell not yet in ``out_csv``; ``cached_only`` skips cells whose victim is not trained yet.
 
     ``attacks``: run only the cells of these attack labels (one process per attack can share a grid and its
-    CSV: each row is merged into the file as it is now on disk). Returns every row the CSV then holds.
+    CSV: each row is merged into the file as it is now on disk). A clean model (attack ``none``) gets defense cells
+    only where the grid says ``defend_clean_models: true`` (its rows: ACC and seconds, no ASR). Returns every row the
+    CSV then holds.
     """
+    if not isinstance(grid.get("defend_clean_models", False), bool):
+        raise ValueError(f"defend_clean_models is true or false (true: run each defense on the grid's clean models, "
+                         f"attack none, too), got {grid['defend_clean_models']!r}")
     done = {_key(r) for r in read_rows(out_csv)}
     device = pick_device(grid.get("device"))
     cells = expand_grid(grid)
@@ -248,7 +254,8 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
         label, attack_label = row_key["defense"], row_key["attack"]
         if _key(row_key) in done:
             continue
-        if (cfg.get("attack") or {}).get("name", "none") == "none":
+        clean_model = (cfg.get("attack") or {}).get("name", "none") == "none"
+        if clean_model and not grid.get("defend_clean_models"):
             continue  # a clean reference model: --victims-only trains it; there is no backdoor to remove
         adapter = get_adapter(cfg.get("modality", "image"))
         cfg = without_labels(cfg)
@@ -274,12 +281,16 @@ def run_grid(grid: Dict[str, Any], get_adapter: Callable[[str], Modality], *, ou
                             before=before, plots=bool(out))
         res.pop("model", None)
         res.pop("defense_info", None)
-        row = {**row_key, **{k: res.get(k) for k in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after",
-                                                    "ra_after", "der", "seconds")},
+        metrics = {k: res.get(k) for k in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after",
+                                           "der", "seconds")}
+        if clean_model:   # no trigger: ASR, RA and DER do not exist (blank, not NaN or a DER of accuracy alone)
+            metrics.update({k: "" for k in ("asr_before", "ra_before", "asr_after", "ra_after", "der")})
+        row = {**row_key, **metrics,
                "preset": d.get("preset") or "", "options": ";".join(f"{k}={v}" for k, v in (d.get("options") or {}).items()),
                "victim": vrun.path.name, "speed": res.get("speed", "")}
+        asr = "" if clean_model else f"ASR {row['asr_before']:.2f} -> {row['asr_after']:.2f}  "
         echo(f"  {label:18s} n={cell['clean_per_class']:<3d} ACC {row['acc_before']:.2f} -> {row['acc_after']:.2f}  "
-             f"ASR {row['asr_before']:.2f} -> {row['asr_after']:.2f}  {row['seconds']:.1f}s")
+             f"{asr}{row['seconds']:.1f}s")
         mine.append(row)
         done.add(_key(row))
         merge_rows(out_csv, mine)  # after every cell: a killed grid resumes where it stopped
@@ -309,38 +320,47 @@ def cell_summaries(rows: Iterable[Dict[str, Any]]) -> Dict[tuple, Dict[str, Dict
     for key, by_def in groups.items():
         for d, rs in by_def.items():
             m = {c: sum(_f(x[c]) for x in rs) / len(rs) for c in ("asr_before", "acc_before", "asr_after", "acc_after")}
-            asrs = [_f(x["asr_after"]) for x in rs]
+            asrs, accs = [_f(x["asr_after"]) for x in rs], [_f(x["acc_after"]) for x in rs]
             out.setdefault(key, {})[d] = {"asr_before": m["asr_before"], "acc_before": m["acc_before"],
                                           "asr": m["asr_after"], "acc": m["acc_after"],
                                           "asr_drop": m["asr_before"] - m["asr_after"],
                                           "acc_drop": m["acc_before"] - m["acc_after"],
-                                          "asr_min": min(asrs), "asr_max": max(asrs), "n": len(rs)}
+                                          "asr_min": min(asrs), "asr_max": max(asrs),
+                                          "acc_min": min(accs), "acc_max": max(accs), "n": len(rs)}
     return out
+
+
+def _table_head(head: List[str]) -> List[str]:
+    """A Markdown table's header line and rule."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
+def _defense_cells(by_def: Dict[str, Dict[str, float]], defenses: List[str],
+                   fmt: Callable[[Dict[str, float]], str]) -> List[str]:
+    """One table row's cell per defense: ``fmt`` of its summary, "-" where it did not run."""
+    return [fmt(by_def[d]) if d in by_def else "-" for d in defenses]
+
+
+def _range(c: Dict[str, float], metric: str) -> str:
+    """" [lowest-highest]" of a cell's ``metric`` ("asr" / "acc") over several rows (seeds); "" for one row."""
+    return f" [{c[metric + '_min']:.2f}-{c[metric + '_max']:.2f}]" if c["n"] > 1 else ""
 
 
 def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int] = None) -> str:
     """Paper Table 1 layout: one row per (dataset, attack), ASR/ACC per defense, an average-drop row."""
     rows = [r for r in rows if clean_per_class is None or int(r["clean_per_class"]) == clean_per_class]
-    defenses: List[str] = []
-    for r in rows:
-        if r["defense"] not in defenses:
-            defenses.append(r["defense"])
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))   # in the order the rows first name them
     groups = cell_summaries(rows)
     head = ["dataset", "attack", "no defense"] + defenses
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = _table_head(head)
     drops: Dict[str, Dict[tuple, tuple]] = {d: {} for d in defenses}
     for key, by_def in groups.items():
         ds, _model, atk = key
         first = next(iter(by_def.values()))
-        cells = [ds, atk, f"{first['asr_before']:.2f}/{first['acc_before']:.2f}"]
-        for d in defenses:
-            c = by_def.get(d)
-            if c is None:
-                cells.append("-")
-                continue
-            # Over several seeds the mean hides how far one run can be from it: show the ASR's range.
-            spread = f" [{c['asr_min']:.2f}-{c['asr_max']:.2f}]" if c["n"] > 1 else ""
-            cells.append(f"{c['asr']:.2f}/{c['acc']:.2f}{spread}")
+        # Over several seeds the mean hides how far one run can be from it: show the ASR's range.
+        cells = [ds, atk, f"{first['asr_before']:.2f}/{first['acc_before']:.2f}"] + _defense_cells(
+            by_def, defenses, lambda c: f"{c['asr']:.2f}/{c['acc']:.2f}" + _range(c, "asr"))
+        for d, c in by_def.items():
             # Against the victim's column, so the average row is that column minus this one.
             drops[d][key] = (first["asr_before"] - c["asr"], first["acc_before"] - c["acc"])
         lines.append("| " + " | ".join(cells) + " |")
@@ -364,6 +384,40 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
     lines.append("| " + " | ".join(secs) + " |")
     if any(c["n"] > 1 for by_def in groups.values() for c in by_def.values()):
         lines.append("\nA cell with several rows (seeds) shows their mean ASR/ACC and [lowest-highest ASR].")
+    return "\n".join(lines) + "\n"
+
+
+def is_clean_model_row(r: Dict[str, Any]) -> bool:
+    """A defense run on a model with no backdoor (attack ``none``): its row has no ASR."""
+    return math.isnan(_f(r.get("asr_before")))
+
+
+def clean_cost_table(rows: Iterable[Dict[str, Any]]) -> str:
+    """What each defense costs models with no backdoor: one row per clean model, ACC after per defense (over several
+    seeds its mean and [lowest-highest]), then each defense's average ACC drop and median seconds.
+
+    Why: with nothing to remove, a defense's accuracy drop is its floor, the price of running it at all; a target
+    on the average ACC drop over backdoored victims is read against it.
+    """
+    rows = [r for r in rows if is_clean_model_row(r)]
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))   # in the order the rows first name them
+    groups = cell_summaries(rows)
+    head = ["dataset", "model", "no defense (ACC)"] + defenses
+    lines = _table_head(head)
+    drops: Dict[str, List[float]] = {d: [] for d in defenses}
+    for (ds, model, atk), by_def in groups.items():
+        first = next(iter(by_def.values()))
+        cells = [ds, model if atk == "none" else f"{model} ({atk})", f"{first['acc_before']:.2f}"] + _defense_cells(
+            by_def, defenses, lambda c: f"{c['acc']:.2f}" + _range(c, "acc"))
+        for d, c in by_def.items():
+            drops[d].append(first["acc_before"] - c["acc"])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| " + " | ".join(["avg ACC drop", "", ""] + [f"{sum(v) / len(v):.2f}" if v else "-"
+                                                              for v in drops.values()]) + " |")
+    lines.append("| " + " | ".join(["median seconds", "", ""] + [
+        f"{_median([_f(r['seconds']) for r in rows if r['defense'] == d]):.1f}" for d in defenses]) + " |")
+    if any(c["n"] > 1 for by_def in groups.values() for c in by_def.values()):
+        lines.append("\nA cell with several rows (seeds) shows their mean ACC and [lowest-highest].")
     return "\n".join(lines) + "\n"
 
 
@@ -403,7 +457,7 @@ def ablation_table(rows: Iterable[Dict[str, Any]], reference: str = "nft") -> st
     ref = cells.get((reference, max(set(sizes), key=lambda n: (sizes.count(n), n)))) if rows else None
     head = ["variant", "clean / class"] + attacks + ["avg drop (ASR/ACC)", "vs " + reference + " (ASR/ACC)",
                                                      "median seconds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = _table_head(head)
     for d, n in variants:
         own = cells[(d, n)]
         line = [d, str(n)] + [f"{own[a]['asr']:.2f}/{own[a]['acc']:.2f}" if a in own else "-" for a in attacks]
@@ -473,9 +527,11 @@ def time_ratio_lines(rows: Iterable[Dict[str, Any]]) -> str:
         if t is None:
             continue
         names = ", ".join(f"{d} {m:.1f}" for d, m in t["against"].items())
+        slower, not_slower = ", ".join(t["slower"]), ", ".join(t["not_slower"])
+        verdict = (f"faster than {slower}, not faster than {not_slower}" if slower and not_slower else
+                   f"faster than each of them ({slower})" if slower else f"faster than none of them ({not_slower})")
         out.append(f"\n{label} / median({names}) = {t['seconds']:.1f} / {t['median_against']:.1f} = "
-                   f"**{t['ratio']:.3f}** (median seconds per defense over its cells); {label} is faster than "
-                   f"{', '.join(t['slower']) or 'none of them'}, not faster than {', '.join(t['not_slower']) or 'any'}.\n")
+                   f"**{t['ratio']:.3f}** (median seconds per defense over its cells); {label} is {verdict}.\n")
     return "".join(out)
 
 
@@ -580,10 +636,19 @@ def plot_results(rows: List[Dict[str, Any]], path: str | Path) -> Path:
     plt = _plt()
     defenses = sorted({r["defense"] for r in rows})
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    backdoored = [r for r in rows if not is_clean_model_row(r)]
     for d in defenses:
-        rs = [r for r in rows if r["defense"] == d]
-        a1.scatter([_f(r["acc_after"]) for r in rs], [_f(r["asr_after"]) for r in rs], label=d, s=28)
-    a1.set_xlabel("clean ACC after (%)"); a1.set_ylabel("ASR after (%)"); a1.set_title("lower right is better")
+        if backdoored:
+            rs = [r for r in backdoored if r["defense"] == d]
+            a1.scatter([_f(r["acc_after"]) for r in rs], [_f(r["asr_after"]) for r in rs], label=d, s=28)
+        else:   # models with no backdoor: no ASR, so each defense's ACC drop per run
+            drops = [_f(r["acc_before"]) - _f(r["acc_after"]) for r in rows if r["defense"] == d]
+            a1.scatter([d] * len(drops), drops, label=d, s=28)
+    if backdoored:
+        a1.set_xlabel("clean ACC after (%)"); a1.set_ylabel("ASR after (%)"); a1.set_title("lower right is better")
+    else:
+        a1.set_ylabel("ACC drop on a model with no backdoor (points)"); a1.set_title("lower is better")
+        a1.tick_params(axis="x", rotation=45, labelsize=7)
     a1.legend(fontsize=7)
     a2.bar(defenses, [_median([_f(r["seconds"]) for r in rows if r["defense"] == d]) for d in defenses])
     a2.set_ylabel("median wall seconds of the defense"); a2.tick_params(axis="x", rotation=45, labelsize=7)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.benchmark import (ablation_table, comparison_lines, defense_label, grid_layout, grids_writing,
-                            in_grid_order, markdown_table, plot_results, prepare_victims, read_rows, run_grid,
-                            step_time_lines, step_time_report, time_ratio_lines)
+from core.benchmark import (ablation_table, clean_cost_table, comparison_lines, defense_label, grid_layout,
+                            grids_writing, in_grid_order, is_clean_model_row, markdown_table, plot_results,
+                            prepare_victims, read_rows, run_grid, step_time_lines, step_time_report, time_ratio_lines)
 from core.cli import run_main
 from core.config import load_config, load_yaml
 from core.pipeline import get_or_train_victim, load_bundle
@@ -64,9 +64,15 @@ def main() -> None:
             "reproduce with " + ", ".join(f"`python tools/benchmark.py --grid {g}`"
                                           for g in grids_writing(out_csv, args.grid)) + ".\n"]
     for n in sizes:
-        at_n = [r for r in rows if int(r["clean_per_class"]) == n]
-        text.append(f"\n## {n} clean samples per class\n\n" + markdown_table(at_n) + time_ratio_lines(at_n)
-                    + comparison_lines(at_n))
+        at_n = [r for r in rows if int(r["clean_per_class"]) == n and not is_clean_model_row(r)]
+        if at_n:
+            text.append(f"\n## {n} clean samples per class\n\n" + markdown_table(at_n) + time_ratio_lines(at_n)
+                        + comparison_lines(at_n))
+        clean = [r for r in rows if int(r["clean_per_class"]) == n and is_clean_model_row(r)]
+        if clean:   # a grid with defend_clean_models: true
+            text.append(f"\n## On models with no backdoor, {n} clean samples per class\n\nACC (%) after each defense: "
+                        "with nothing to remove, its drop is what the defense costs.\n\n" + clean_cost_table(clean)
+                        + time_ratio_lines(clean))
     if layout == "ablation":
         text.append("\n## Ablation (the paper's Table 7 layout)\n\nASR/ACC after per attack; the average ASR / ACC "
                     "after minus the default's (its most common split size) over the attacks both ran.\n\n"

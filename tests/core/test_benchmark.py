@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.benchmark import (ablation_table, attack_label_of, cell_config, comparison, comparison_lines, expand_grid,
+from core.benchmark import (ablation_table, attack_label_of, cell_config, clean_cost_table, comparison, comparison_lines, expand_grid,
                             grid_layout, in_grid_order, is_nft_label, markdown_table, prepare_victims, read_rows,
                             run_grid, step_time_lines, step_time_report, step_times, time_ratio, time_ratio_lines)
 from modalities import get_modality
@@ -74,6 +74,10 @@ def test_time_ratio_against_the_median_of_the_baselines():
     lines = time_ratio_lines(fast)
     assert "nft+autocast+channels_last / median(anp 100.0) = 20.0 / 100.0 = **0.200**" in lines
     assert "nft[generic] / median(anp 100.0) = 40.0 / 100.0" in lines
+    # faster than every baseline, or than none: said so (not "not faster than any")
+    assert "nft+autocast+channels_last is faster than each of them (anp)." in lines
+    assert "nft[generic] is faster than each of them (anp)." in lines
+    assert "nft is faster than none of them (rnp)." in time_ratio_lines([row("nft", 50), row("rnp", 10)])
 
 
 def test_comparison_states_where_a_baseline_beats_nft_and_by_how_much():
@@ -266,6 +270,42 @@ def test_cached_only_skips_cells_without_a_trained_victim(tmp_path):
     assert [r["attack"] for r in rows] == ["badnets"]
     assert any(line.startswith("[skip] blend") for line in lines)
     assert len(list((tmp_path / "v").iterdir())) == 1  # nothing was trained
+
+
+def test_clean_cost_table_gives_each_defenses_accuracy_drop_on_models_with_no_backdoor():
+    def row(model, d, seed, acc_after, secs):
+        return {"dataset": "x", "model": model, "attack": "none", "defense": d, "clean_per_class": 60, "seed": seed,
+                "seconds": secs, "asr_before": "", "acc_before": 90, "asr_after": "", "acc_after": acc_after}
+    rows = [row("m", "nft", 0, 88, 10), row("m", "nft", 1, 89, 30), row("m", "ft-sam", 0, 89.5, 20),
+            row("n", "nft", 0, 87, 20), row("n", "ft-sam", 0, 90, 40),
+            # a backdoored victim's row is not a clean model's: left out
+            {**row("m", "nft", 0, 50, 1), "attack": "badnets", "asr_before": 99, "asr_after": 1}]
+    md = clean_cost_table(rows)
+    assert "| x | m | 90.00 | 88.50 [88.00-89.00] | 89.50 |" in md
+    assert "| x | n | 90.00 | 87.00 | 90.00 |" in md
+    assert "| avg ACC drop |  |  | 2.25 | 0.25 |" in md          # nft (1.5 + 3) / 2, ft-sam (0.5 + 0) / 2
+    assert "| median seconds |  |  | 20.0 | 40.0 |" in md        # the upper middle of 10, 20, 30; of 20, 40
+    assert "50.00" not in md
+
+
+def test_a_grid_defends_its_clean_models_only_when_it_says_so(tmp_path):
+    grid = {"base": "configs/image/digits_badnets.yaml", "defend_clean_models": True,
+            "grid": {"attack": [{"name": "badnets", "patch_size": 2}, {"name": "none"}],
+                     "defense": [{"name": "ft", "options": {"steps": 5}}], "clean_per_class": [5]}}
+    kw = {"victims_root": tmp_path / "v", "show_progress": False, "echo": lambda _: None}
+    rows = run_grid(grid, get_modality, out_csv=tmp_path / "r.csv", **kw)
+    assert [r["attack"] for r in rows] == ["badnets", "none"]
+    clean = rows[1]
+    assert clean["asr_before"] == clean["asr_after"] == clean["ra_after"] == clean["der"] == ""   # no trigger, no DER
+    assert float(clean["acc_before"]) > 80 and float(clean["seconds"]) > 0
+    assert f"| avg ACC drop |  |  | {float(clean['acc_before']) - float(clean['acc_after']):.2f} |" in \
+        clean_cost_table(rows)
+    assert "none" not in markdown_table([r for r in rows if r["attack"] != "none"])
+    # without the key the clean model stays a victims-only entry (the grids written before it keep their rows)
+    off = {k: v for k, v in grid.items() if k != "defend_clean_models"}
+    assert [r["attack"] for r in run_grid(off, get_modality, out_csv=tmp_path / "off.csv", **kw)] == ["badnets"]
+    with pytest.raises(ValueError, match="defend_clean_models is true or false"):
+        run_grid({**grid, "defend_clean_models": "yes"}, get_modality, out_csv=tmp_path / "bad.csv", **kw)
 
 
 def test_one_process_per_attack_shares_the_grid_and_its_csv(tmp_path):
