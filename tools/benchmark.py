@@ -60,7 +60,8 @@ def main() -> None:
     rows = in_grid_order(rows, grid, overrides)
     md = out_csv.with_suffix(".md")
     sizes = sorted({int(r["clean_per_class"]) for r in rows}, reverse=True)
-    text = [f"# {name}\n", f"ASR/ACC (%) after each defense; rows from `{out_csv}`; "
+    measured = "ACC" if all(is_clean_model_row(r) for r in rows) else "ASR/ACC"   # a grid of clean models: no ASR
+    text = [f"# {name}\n", f"{measured} (%) after each defense; rows from `{out_csv}`; "
             "reproduce with " + ", ".join(f"`python tools/benchmark.py --grid {g}`"
                                           for g in grids_writing(out_csv, args.grid)) + ".\n"]
     for n in sizes:
