@@ -3,7 +3,9 @@
 Victims are trained once and cached; finished cells (rows already in the CSV) are skipped,
 so a grid is resumable. Each cell records ACC/ASR/RA before and after, DER and the wall
 seconds of the defense alone. Outputs: CSV rows, a Markdown table in the paper's Table 1
-layout (ASR/ACC per cell, an average-drop row), and plots.
+layout (ASR/ACC per cell, an average-drop row), and plots. With ``defend_clean_models: true`` the
+defenses also run on the grid's clean models (attack ``none``): a table of what each costs with nothing
+to remove.
 """
 from __future__ import annotations
 
