@@ -348,6 +348,12 @@ def _range(c: Dict[str, float], metric: str) -> str:
     return f" [{c[metric + '_min']:.2f}-{c[metric + '_max']:.2f}]" if c["n"] > 1 else ""
 
 
+def _median_seconds_line(rows: List[Dict[str, Any]], defenses: List[str]) -> str:
+    """A table's "median seconds" row: each defense's median wall seconds over its rows ("-" without rows)."""
+    secs = [[_f(r["seconds"]) for r in rows if r["defense"] == d] for d in defenses]
+    return "| " + " | ".join(["median seconds", "", ""] + [f"{_median(v):.1f}" if v else "-" for v in secs]) + " |"
+
+
 def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int] = None) -> str:
     """Paper Table 1 layout: one row per (dataset, attack), ASR/ACC per defense, an average-drop row."""
     rows = [r for r in rows if clean_per_class is None or int(r["clean_per_class"]) == clean_per_class]
@@ -379,11 +385,7 @@ def markdown_table(rows: Iterable[Dict[str, Any]], clean_per_class: Optional[int
     if len(common) < len(groups):
         own = [f"{mean_drop(list(drops[d].values()))} ({len(drops[d])})" for d in defenses]
         lines.append("| " + " | ".join(["avg drop over its own victims (n)", "", ""] + own) + " |")
-    secs = ["median seconds", "", ""]
-    for d in defenses:
-        s = [_f(r["seconds"]) for r in rows if r["defense"] == d]
-        secs.append(f"{_median(s):.1f}" if s else "-")
-    lines.append("| " + " | ".join(secs) + " |")
+    lines.append(_median_seconds_line(rows, defenses))
     if any(c["n"] > 1 for by_def in groups.values() for c in by_def.values()):
         lines.append("\nA cell with several rows (seeds) shows their mean ASR/ACC and [lowest-highest ASR].")
     return "\n".join(lines) + "\n"
@@ -416,8 +418,7 @@ def clean_cost_table(rows: Iterable[Dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("| " + " | ".join(["avg ACC drop", "", ""] + [f"{sum(v) / len(v):.2f}" if v else "-"
                                                               for v in drops.values()]) + " |")
-    lines.append("| " + " | ".join(["median seconds", "", ""] + [
-        f"{_median([_f(r['seconds']) for r in rows if r['defense'] == d]):.1f}" for d in defenses]) + " |")
+    lines.append(_median_seconds_line(rows, defenses))
     if any(c["n"] > 1 for by_def in groups.values() for c in by_def.values()):
         lines.append("\nA cell with several rows (seeds) shows their mean ACC and [lowest-highest].")
     return "\n".join(lines) + "\n"
