@@ -696,7 +696,7 @@ def step_times(adapter: Modality, model: torch.nn.Module, clean: Any, *, nft_opt
     """Seconds per optimiser step of NFT (masks only) and of FT (all weights), same batch, same model.
 
     ``repeats`` steps of each in ``rounds`` interleaved rounds (FT, NFT, FT, NFT, ...); each step time is the
-    median of its rounds, so one round slowed by the machine moves neither (runs still differ: README).
+    median of its rounds, so one round slowed by the machine moves neither (runs still differ: docs/results.md).
 
     NFT's step includes everything its default does per step (augmentation, MixUp, the
     universal perturbation's input gradient, clipping); FT's is a plain SGD step. ``autocast`` /

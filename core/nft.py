@@ -6,7 +6,7 @@ accuracy; after every step masks are clipped to [mu(l), 1] by layer depth. At th
 masks are folded into the weights, giving a plain model of the original architecture.
 
 The ``official`` preset reproduces the released code's settings. The default adds what
-makes NFT purify on Fashion-MNIST (README, "what the default does"): a universal
+makes NFT purify on Fashion-MNIST (docs/nft-default.md, "what the default does"): a universal
 adversarial perturbation learned alongside the masks ("free" ascent on the same backward
 pass) shown on half of each batch, so units that carry a backdoor get a clean-label gradient
 whatever the trigger's form; the modality's strong augmentation; a short main phase; a
@@ -67,9 +67,9 @@ OFFICIAL: Dict[str, Any] = {
     # model) and the perturbations start from those of the classes reached most easily (lowest loss).
     # A backdoor target is the class every input can be sent to; an untargeted ascent can instead
     # settle on a natural universal direction (on the video blend victim, classes 8 and 9 are also
-    # reachable at eps 0.2, README). The ranking is reported as the suspected target. "auto": targeted
+    # reachable at eps 0.2, docs/nft-default.md). The ranking is reported as the suspected target. "auto": targeted
     # when the clean split has at least ``adv_init_min_samples`` samples, else random: on a one-shot
-    # split (10 images) the search ranked a wrong class first (Blend seed 1: ASR 33.74%, README).
+    # split (10 images) the search ranked a wrong class first (Blend seed 1: ASR 33.74%, docs/nft-default.md).
     "adv_init": "random", "adv_init_steps": 20, "adv_init_samples": 64, "adv_init_min_samples": 100,
     # How many perturbations start from the top classes' (the rest start random).
     "adv_init_top": 1,
@@ -80,7 +80,7 @@ OFFICIAL: Dict[str, Any] = {
     # and all. Why: the trigger's form is unknown, and a family stands out where the trigger lives in it: a patch
     # is a few full-scale pixels (a small L1 ball holds it, an L-inf ball of 0.2 does not), a blend is a faint
     # change of every pixel (the reverse). On the Fashion-MNIST BadNets victim the L1 search's ratio was 146-722x
-    # against L-inf's 21-111x; on the Blend victim L-inf's ~2,000x against L1's 1.2x (README, item 10).
+    # against L-inf's 21-111x; on the Blend victim L-inf's ~2,000x against L1's 1.2x (docs/nft-default.md, item 10).
     "adv_init_families": [],
     # Successive halving in the search: every class descends a quarter of adv_init_steps, then only this many
     # easiest ones the rest (0 = every class every step). The ranking's head, which the start and the outlier
@@ -89,7 +89,7 @@ OFFICIAL: Dict[str, Any] = {
     # Start targeted only when the easiest class is an outlier: its loss at least this many times
     # below the runner-up's; otherwise every perturbation starts random. 0 = always start targeted.
     # (On the video victims the ratio did not separate a real trigger from a natural class: 8.6x
-    # for the clean-label target, 8x for a natural class under the temporal trigger; README.)
+    # for the clean-label target, 8x for a natural class under the temporal trigger; docs/nft-default.md.)
     "adv_init_margin": 0.0,
     # Re-estimate BN running statistics on the clean split (no augmentation) after folding: True (or
     # "full") replaces them by the split's; "shift" keeps the model's own and adds only the change the
@@ -97,7 +97,7 @@ OFFICIAL: Dict[str, Any] = {
     "bn_recalibrate": False,
     # With "shift": reject the shift (keep the split's statistics) when the fully recalibrated model gets
     # significantly more of the clean split right (one-sided exact sign test, p below this; 0 = never
-    # check). The per-channel rule alone passed a shift that took bppa@8ep from 89 to 65% (README).
+    # check). The per-channel rule alone passed a shift that took bppa@8ep from 89 to 65% (docs/nft-default.md).
     "bn_shift_check": 0.01,
     # ... and only when the shift's split accuracy is also more than this many points below the full
     # one's: full recalibration is fitted on the split itself and so gains a little there (up to 1.8
@@ -123,7 +123,7 @@ OFFICIAL: Dict[str, Any] = {
     "recover_mixup": False, "recover_mixup_alpha": None,   # None = mixup_alpha
     # Share of each recovery batch that is mixed; the rest trains on plain clean cross-entropy (each part
     # weighted by its size). Training on mixed images is what recovery pays accuracy for; some of it is
-    # what keeps a blend trigger closed (README, "what the default does").
+    # what keeps a blend trigger closed (docs/nft-default.md, "what the default does").
     "recover_mixup_frac": 1.0,
     # Augmentation of the plain (unmixed) share of a recovery batch (None = recover_augment, the whole batch).
     "recover_plain_augment": None,
@@ -143,14 +143,14 @@ OFFICIAL: Dict[str, Any] = {
     "recover_check_min_samples": 100,
     # Where the defense computes in bf16: whether the targeted search's descent (search_autocast) and the
     # recovery stop's clean-split checks (checks_autocast) do too; false keeps them fp32, as until session 18.
-    # Together they were 40% of an image NFT run in fp32 (README, Issue 4's run of session 19).
+    # Together they were 40% of an image NFT run in fp32 (docs/results.md, Issue 4's run of session 19).
     "search_autocast": True, "checks_autocast": True,
     # Recovery watch (clean data only; needs the targeted start, i.e. a suspected target t and its
     # perturbation delta_t found on the victim): at each recovery check, which clean images of other
     # classes delta_t sends to t, against phase one's end. If significantly more (one-sided sign test on
     # the images that changed, p < this), recovery is re-opening the trigger: restore the masks of the
     # previous check and stop. 0 = off. Why: recovery gives back accuracy and, on some victims, the trigger
-    # with it (README, "Where the Blend ASR comes back"); the victim's own delta_t follows the test ASR.
+    # with it (docs/nft-default.md, "Where the Blend ASR comes back"); the victim's own delta_t follows the test ASR.
     "recover_watch": 0.0,
     # Weight of a term that pushes the perturbed share away from the suspected target t (needs the targeted
     # start): masks descend -log(1 - p_t); the perturbation ascends it, so it keeps moving toward t. 0 = off.
@@ -164,11 +164,11 @@ OFFICIAL: Dict[str, Any] = {
     "recover_away_frac": 0.0,
     # Phase-one steps (at most) on a split smaller than recover_check_min_samples (None = steps). Why: on one image per
     # class every step shows each image about 13 times; the trigger is gone by ~75 steps and the rest of phase
-    # one costs accuracy (README, "what the default does" item 9).
+    # one costs accuracy (docs/nft-default.md, "what the default does" item 9).
     "small_split_steps": None,
     # Further options that replace the config's own on such a split (below recover_check_min_samples), e.g.
     # {"recover_lr": 0.02}. Why: there no clean-split check can stop the recovery, so a recovery tuned to run
-    # until the check fires would run its whole length on ten images and fit them (README, item 14).
+    # until the check fires would run its whole length on ten images and fit them (docs/nft-default.md, item 14).
     "small_split_options": {},
 }
 
@@ -180,7 +180,7 @@ DEFAULTS: Dict[str, Any] = {
     # cost is what phase one loses in accuracy) but with MixUp and the strong augmentation kept, so
     # the pathways they excite (blends, local patches) stay closed while accuracy comes back; stopped
     # early by a clean-split accuracy rule. Plain clean-CE recovery re-opened a Blend backdoor
-    # (ASR 14% -> 94% in 100 steps, README); this one did not.
+    # (ASR 14% -> 94% in 100 steps, docs/nft-default.md); this one did not.
     "steps": 200,
     "augment": "strong",
     "adv_frac": 0.5, "adv_eps": 0.2, "adv_norm": "linf", "adv_lr": 0.01, "adv_reset": 0,
@@ -259,7 +259,7 @@ def recalibrate_norm_stats(model: nn.Module, adapter: Modality, data: Dataset, d
     ``shift_check_alpha`` > 0 checks the shift on ``data`` itself: if the fully recalibrated model
     classifies significantly more of its samples correctly (one-sided exact sign test on the samples
     only one of the two gets right, p < alpha) and by more than ``shift_check_margin`` points, the
-    shift is rejected and the split's statistics are kept. Why: per channel the shift can look sound and still break the model (bppa@8ep, README: three
+    shift is rejected and the split's statistics are kept. Why: per channel the shift can look sound and still break the model (bppa@8ep, docs/nft-default.md: three
     channels whose own variance was half the split's took ACC from 89 to 65). Returns what was done:
     ``{"mode": "full" | "shift" | "shift rejected", "full_only": b, "shift_only": c, "p": p, "split_acc": %}``.
     """

@@ -45,7 +45,7 @@ class ImageModality(Modality):
     name = "image"
     models = MODELS
     attacks = ATTACKS
-    # Measured on the Fashion-MNIST BadNets and Blend victims (README, "what the default does"): BN
+    # Measured on the Fashion-MNIST BadNets and Blend victims (docs/nft-default.md, "what the default does"): BN
     # statistics that keep the model's own and add only the masks' change (a full recalibration on the
     # 600-image split costs the untouched victim 0.43 points and left Blend at 3.4% ASR where the shift
     # left 1.0%), and a recovery that mixes half of each batch instead of all of it (accuracy after NFT
@@ -54,33 +54,33 @@ class ImageModality(Modality):
     # easiest class's loss is at most half the runner-up's). On the Fashion-MNIST victims that ratio was
     # 22-2,500 and the targeted start lowered BadNets' ASR (3 seeds, 11.0 -> 2.6%); on the 8x8 digits
     # victim it was 1.01 and the search ranked a wrong class first (ASR 22 -> 46%), so there it starts
-    # random (README, "Results").
+    # random (docs/results.md, "Results").
     # Session 20: where the start is targeted, the perturbation stays the victim's delta_t (no ascent) and the
     # perturbed share is also pushed away from the suspected target (-log(1 - p_t), weight 1). Six seeds of
     # both design victims: Blend mean ASR 12.85 -> 3.45% and ACC drop 2.11 -> 1.75; BadNets 2.55 -> 2.02% and
-    # 2.52 -> 2.46 (README, "what the default does" item 8).
+    # 2.52 -> 2.46 (docs/nft-default.md, "what the default does" item 8).
     # Session 21: on a split below the recovery check's floor (one image per class) phase one runs 100 steps, not
     # 200: three seeds of both design victims, one-shot, mean ACC drop 12.88 -> 10.14 (BadNets) and 12.29 -> 9.44
-    # (Blend), mean ASR 8.06 -> 10.63 and 3.29 -> 3.86 (README, item 9).
+    # (Blend), mean ASR 8.06 -> 10.63 and 3.29 -> 3.86 (docs/nft-default.md, item 9).
     # Session 22: the targeted search tries an L1 ball of 12 full-scale pixels per channel beside the L-inf ball of
     # 0.2, and the perturbations take the family in which a class stands out most (a patch is a few full-scale
     # pixels, which the L-inf ball cannot hold); the search keeps the 3 easiest classes after a quarter of its
-    # steps, so the two families cost what one did. Where L-inf wins the run is the one before, to the bit (README,
+    # steps, so the two families cost what one did. Where L-inf wins the run is the one before, to the bit (docs/nft-default.md,
     # "what the default does" item 10). With the two families the search also runs on splits of 10 samples and up
     # (one image per class on ten classes; the floor was 100): one-shot, three seeds each, it named the target on
     # BadNets, Blend, trojan-one and SIG and left the mean ASR 20.48 -> 1.20 (BadNets), 5.37 -> 3.97 (Blend), 3.17 ->
     # 0.66 (trojan-one), 5.32 -> 5.67 (SIG), 5.07 -> 6.90 (WaNet, a wrong class as at 60 per class), accuracy up on
-    # all five (README, item 11).
+    # all five (docs/nft-default.md, item 11).
     # Session 25: the margin that counts as "a class stands out" is 5, not 2: on two clean (unattacked) Fashion-MNIST
     # models the search's ratio was 1.11-4.68 over twenty clean splits (60 and 1 per class, five seeds each) and above
     # 2 on thirteen of them, so margin 2 named a "target" on most clean models. On the design victims it was 41 or more
-    # (README, "what the default does" item 13).
+    # (docs/nft-default.md, "what the default does" item 13).
     defense_defaults = {"nft": {"bn_recalibrate": "shift", "recover_mixup_frac": 0.5,
                                 "adv_init": "auto", "adv_init_margin": 5.0, "adv_init_min_samples": 10,
                                 "adv_targeted_lr": 0.0, "adv_target_weight": 1.0,
                                 "small_split_steps": 100,
                                 "adv_init_families": [{"norm": "l1", "eps": 12.0}], "adv_init_keep": 3,
-                                # Session 26 (README item 14): recovery at lr 0.04, its plain half on crop + flip (the
+                                # Session 26 (docs/nft-default.md item 14): recovery at lr 0.04, its plain half on crop + flip (the
                                 # mixed half keeps noise erasing), stopped within 0.5 points of the original; a split too
                                 # small for the stop keeps session 25's recovery (there it runs whole).
                                 "recover_lr": 0.04, "recover_plain_augment": "weak", "recover_tolerance": 0.5,

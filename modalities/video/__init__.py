@@ -42,7 +42,7 @@ class VideoModality(Modality):
     name = "video"
     models = MODELS
     attacks = ATTACKS
-    # Measured on the embedded set, 3 seeds (README, "Video"): the image default's perturbation, free
+    # Measured on the embedded set, 3 seeds (docs/video.md, "Video"): the image default's perturbation, free
     # over time, becomes a natural adversarial *motion* pattern instead of the trigger (patch ASR 46%);
     # one frame pattern shared by every time step cannot encode motion, so it finds frame triggers.
     # A patch trigger is read in the stem, whose BN the models leave out; gamma and beta masks.
@@ -50,7 +50,7 @@ class VideoModality(Modality):
     # reachable too, and an untargeted ascent often settles there. Started from the easiest class's
     # targeted perturbation (the backdoor target ranks first) blend fell to 0.3-5.6% and patch to
     # 0.7-1.4% over three seeds. Cost: a temporal trigger, which no frame pattern can express, went
-    # from 5-45% to 55-77% (a natural class ranks first there); README, "Video".
+    # from 5-45% to 55-77% (a natural class ranks first there); docs/video.md, "Video".
     defense_defaults = {"nft": {"adv_shared_dims": [1], "mask_beta": True, "mask_model_excluded": True,
                                 "adv_init": "targeted"}}
 

@@ -537,12 +537,12 @@ def test_sign_test_p_is_the_exact_binomial_tail():
     assert sign_test_p(3, 0) == pytest.approx(1 / 8)
     assert sign_test_p(7, 0) == pytest.approx(1 / 128)
     assert sign_test_p(2, 2) == pytest.approx(11 / 16)  # P(X >= 2), X ~ Bin(4, 1/2)
-    assert sign_test_p(195, 9) < 1e-40  # bppa@8ep's split (README): far below any alpha
+    assert sign_test_p(195, 9) < 1e-40  # bppa@8ep's split (docs/nft-default.md): far below any alpha
 
 
 def test_shift_that_breaks_the_model_on_the_split_is_rejected(digits, image_adapter):
     """Per channel the shift can look sound (variance within 4x) and still break the model:
-    the clean-split sign test then keeps the split's own statistics (bppa@8ep, README)."""
+    the clean-split sign test then keeps the split's own statistics (bppa@8ep, docs/nft-default.md)."""
     from core.nft import clean_accuracy, norm_reference, recalibrate_norm_stats
     from core.train import train_classifier
 

@@ -8,7 +8,7 @@ targeted search naming the target (class 0) on each; a victim trained with seed 
 92.22 / 5.17, 93.56 / 1.97. The issue's target (ASR < 10%, ACC within 5 points) is asserted on all three splits.
 
 The original 8x8 victim (``configs/image/digits_badnets.yaml``: 2x2 patch, 6.25% of the image) stays a measured gap:
-NFT lowers its ASR from 97% to 19-34% (README, "Known gaps": two ``bn2`` channels carry the backdoor and also clean
+NFT lowers its ASR from 97% to 19-34% (docs/nft-default.md, "Known gaps": two ``bn2`` channels carry the backdoor and also clean
 features; no global setting tried took all three splits below 10%). Its drop of >= 50 points is asserted and the
 < 10% target kept as a strict xfail, so that reaching it is noticed.
 """

@@ -7,7 +7,7 @@ of 64 with the strong video augmentation: ACC 88.3 / ASR 52.6; NFT's video defau
 frame-shared perturbation started from the easiest class's targeted one, gamma and beta masks,
 stem BN masked): ACC 89.7 / ASR 23.0, the backdoor target ranked first by the search (with a
 random start: 90.3 / 25.2; the image default: 88.7 / 80.7; four perturbations started from the
-four easiest classes: 91.0 / 5.6, not the default, README). The default purifies the
+four easiest classes: 91.0 / 5.6, not the default, docs/video.md). The default purifies the
 benchmark's stronger patch victim (ASR 0.7-1.4% over three seeds); on this small one the <= 10%
 target is met or not by the CPU's float kernels (the numbers above are from a CPU without AVX512;
 an AVX512-BF16 CPU trains the victim to 88.3 / 94.8 and NFT takes it to 88.7 / 5.2), so that test is
