@@ -17,7 +17,7 @@ from pathlib import Path
 from core.cli import add_config_args, config_from, print_table, run_main
 from core.pipeline import attack_from_run, get_or_train_victim, load_bundle, purify_to_run
 from core.plots import collect_features, plot_tsne
-from core.nft import describe_suspects
+from core.nft import describe_seconds, describe_suspects
 from core.rundir import write_csv, write_json
 from core.utils import pick_device, seed_everything
 from modalities import get_modality
@@ -58,9 +58,10 @@ def main() -> None:
         row = purify_to_run(adapter, victim, bundle, spec, out / tag, model_spec=cfg["model"], seed=seed,
                             device=device, attack=attack, source=str(vrun.path), show_progress=show, before=before)
         models[d["label"]] = row.pop("model")
-        suspects = describe_suspects(row.pop("defense_info"))
-        if suspects:
-            print(f"  {suspects}")
+        info = row.pop("defense_info")
+        for line in (describe_suspects(info), describe_seconds(info)):
+            if line:
+                print(f"  {line}")
         rows.append({"defense": d["label"], **row})
     table = [{"defense": "no defense", "acc_after": before["acc"], "asr_after": before["asr"],
               "ra_after": before["ra"], "seconds": None, "speed": None}] + rows

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from core.cli import add_config_args, config_from, print_table, run_main
 from core.config import deep_merge
-from core.nft import describe_suspects
+from core.nft import describe_seconds, describe_suspects
 from core.pipeline import attack_from_run, load_bundle, load_outside_model, load_run_model, purify_to_run
 from core.rundir import RunDir
 from core.utils import pick_device, seed_everything
@@ -79,9 +79,10 @@ def main() -> None:
                         attack=attack, source=source, show_progress=not args.no_progress)
     print_table([row], ["defense", "preset", "clean_per_class", "acc_before", "asr_before", "acc_after", "asr_after",
                         "ra_after", "seconds", "speed", "run_dir"])
-    suspects = describe_suspects(row.pop("defense_info"))
-    if suspects:
-        print(suspects)
+    info = row.pop("defense_info")
+    for line in (describe_suspects(info), describe_seconds(info)):
+        if line:
+            print(line)
 
 
 if __name__ == "__main__":

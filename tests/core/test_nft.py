@@ -1,10 +1,12 @@
 import copy
+import time
 
 import pytest
 import torch
 
 from core.defenses.base import DefenseContext
-from core.nft import DEFAULTS, NFT, OFFICIAL, MaskTrainer, UniversalPerturbation, describe_suspects, lr_at
+from core.nft import (DEFAULTS, NFT, OFFICIAL, MaskTrainer, UniversalPerturbation, describe_seconds, describe_suspects,
+                      lr_at)
 from core.pipeline import run_defense
 from core.regularizer import mask_penalty
 from core.registry import DEFENSES
@@ -384,6 +386,25 @@ def test_recovery_watch_restores_the_last_check_before_the_suspect_reach_rose(di
     assert "recover_watch" not in res.info and not any("suspect_reach" in r for r in res.log)
     with pytest.raises(ValueError, match="recover_watch is a significance level"):
         NFT(**{**opts, "recover_watch": 5}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
+
+
+def test_nft_says_where_its_seconds_went(digits, image_adapter, small_model):
+    clean, _ = image_adapter.clean_split(digits, 5, 0)
+    ctx = DefenseContext(clean_per_class=5, show_progress=False)
+    opts = {"steps": 3, "recover_steps": 2, "batch_size": 16, "adv_init": "targeted", "adv_init_steps": 3}
+    t0 = time.perf_counter()
+    res = NFT(**opts).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
+    wall = time.perf_counter() - t0
+    phases = res.info["seconds_by_phase"]
+    assert list(phases) == ["norm_reference", "perturbation_search", "phase_one", "recovery", "fold_and_recalibrate"]
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= wall
+    assert phases["perturbation_search"] > 0 and phases["phase_one"] > 0 and phases["recovery"] > 0
+    line = describe_seconds(res.info)   # what tools/purify.py and the demo print
+    assert line.startswith(f"NFT's {sum(phases.values()):.1f} s") and "perturbation search" in line
+    # No recovery steps: the loop is phase one alone.
+    res = NFT(**{**opts, "recover_steps": 0}).run(_PlantedBackdoor(small_model), image_adapter, clean, ctx)
+    assert res.info["seconds_by_phase"]["phase_one"] > 0
+    assert describe_seconds({"config": {}}) is None   # a defense that records no phases
 
 
 def test_nft_targeted_init_reports_the_suspects_and_refuses_unknown_inits(digits, image_adapter, small_model):
