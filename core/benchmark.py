@@ -414,7 +414,7 @@ def clean_cost_table(rows: Iterable[Dict[str, Any]]) -> str:
         cells = [ds, model if atk == "none" else f"{model} ({atk})", f"{first['acc_before']:.2f}"] + _defense_cells(
             by_def, defenses, lambda c: f"{c['acc']:.2f}" + _range(c, "acc"))
         for d, c in by_def.items():
-            drops[d].append(first["acc_before"] - c["acc"])
+            drops[d].append(c["acc_drop"])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("| " + " | ".join(["avg ACC drop", "", ""] + [f"{sum(v) / len(v):.2f}" if v else "-"
                                                               for v in drops.values()]) + " |")
